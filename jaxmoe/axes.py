@@ -1,0 +1,31 @@
+"""The logical axis names, the one glossary of dimension letters, used by all model code.
+
+Dimension letters (einsum strings, shape comments and spec names use these and no others):
+
+    B batch          S sequence (T: the attended-to sequence)   D model width
+    H heads          K head dim                                 F MLP / expert hidden
+    E experts        C capacity (token slots per expert)        G routing groups
+    L layers         V vocabulary                               N devices on a mesh axis
+
+Model code names these logical axes only; a strategy (``meshes/``) maps each one to mesh axes.
+"""
+
+from enum import StrEnum
+
+
+class Axis(StrEnum):
+    """Logical axes of parameters and activations."""
+
+    BATCH = "batch"  # B, everywhere outside the attention core
+    ATTN_BATCH = "attn_batch"  # B inside the attention core (scores, softmax, values)
+    SEQ = "seq"  # S
+    EMBED = "embed"  # D
+    HEADS = "heads"  # H
+    HEAD_DIM = "head_dim"  # K
+    MLP = "mlp"  # F of the dense MLP
+    EXPERT = "expert"  # E
+    EXPERT_MLP = "expert_mlp"  # F inside an expert
+    GROUP = "group"  # G, the routing groups of tokens
+    CAPACITY = "capacity"  # C
+    VOCAB = "vocab"  # V
+    LAYERS = "layers"  # L, the stacked-layer axis that scan runs over

@@ -1,0 +1,203 @@
+"""Model configuration: one frozen dataclass, validated on creation, and the named presets.
+
+The configuration also carries the workload shape (batch, seq_len): the papers quote both with
+the model, and every strategy's divisibility checks need them.
+"""
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from typing import Literal
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+EXPERT_FORMS = ("gelu", "swiglu")
+VOCAB_MULTIPLE = 128
+
+
+class ConfigError(ValueError):
+    """A bad configuration, flag or input: one line naming the problem and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A pre-norm decoder-only transformer whose MLPs are dense or Mixture-of-Experts.
+
+    `moe_every`: 0 = every layer dense; k >= 1 = every k-th layer is MoE (layers k-1, 2k-1, ...),
+    the others dense. Experts have the form `expert_form`: "gelu" is the 2-matrix MLP the papers
+    describe (D -> F, GELU, F -> D); "swiglu" the 3-matrix gated form.
+    """
+
+    name: str = "custom"
+    vocab_size: int = 50257
+    d_model: int = 128
+    n_heads: int = 16
+    head_dim: int = 8
+    d_ff: int = 512
+    n_layers: int = 2
+    moe_every: int = 1
+    n_experts: int = 16
+    top_k: int = 2
+    capacity_factor: float = 1.25
+    expert_form: Literal["gelu", "swiglu"] = "gelu"
+    moe_group_size: int = 0  # tokens per routing group; 0 = one group per sequence
+    expert_dropout: float = 0.0  # applied to expert hidden activations when training only
+    router_aux_coef: float = 0.01  # load-balancing loss weight
+    router_z_coef: float = 0.001  # router z-loss weight
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    init_std: float = 0.02
+    norm_eps: float = 1e-6
+    batch: int = 16
+    seq_len: int = 64
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def padded_vocab(self) -> int:
+        return math.ceil(self.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe_every > 0
+
+    @property
+    def layers_per_block(self) -> int:
+        """Layers in one scanned block: (moe_every - 1) dense layers then one MoE layer."""
+        return max(self.moe_every, 1)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.n_layers // self.layers_per_block
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_blocks if self.is_moe else 0
+
+    @property
+    def n_dense_layers(self) -> int:
+        return self.n_layers - self.n_moe_layers
+
+    @property
+    def group_size(self) -> int:
+        return self.moe_group_size or self.seq_len
+
+    @property
+    def n_groups(self) -> int:
+        return self.batch * self.seq_len // self.group_size
+
+    @property
+    def capacity(self) -> int:
+        """Token slots per expert per routing group (GShard: k * tokens * factor / experts)."""
+        return max(
+            1, math.ceil(self.top_k * self.group_size * self.capacity_factor / self.n_experts)
+        )
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(DTYPES[self.dtype])
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(DTYPES[self.param_dtype])
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _fail(field: str, value, problem: str, fix: str) -> None:
+    raise ConfigError(f"{field}={value!r}: {problem}; {fix}")
+
+
+def validate(cfg: ModelConfig) -> None:
+    """Every range and divisibility check of a configuration, each naming the field and the fix."""
+    for field in ("vocab_size", "d_model", "n_heads", "head_dim", "d_ff", "n_layers", "batch"):
+        if getattr(cfg, field) < 1:
+            _fail(field, getattr(cfg, field), "must be a positive integer", "set it to 1 or more")
+    if cfg.seq_len < 2:
+        _fail("seq_len", cfg.seq_len, "must be at least 2", "set seq_len=2 or more")
+    if cfg.moe_every < 0:
+        _fail("moe_every", cfg.moe_every, "must be >= 0", "use 0 for dense, k for every k-th MoE")
+    if cfg.is_moe and cfg.n_layers % cfg.moe_every:
+        _fail(
+            "moe_every",
+            cfg.moe_every,
+            f"must divide n_layers={cfg.n_layers}",
+            "choose a divisor of n_layers",
+        )
+    for field in ("dtype", "param_dtype"):
+        if getattr(cfg, field) not in DTYPES:
+            _fail(field, getattr(cfg, field), "unknown dtype", f"choose one of {sorted(DTYPES)}")
+    if cfg.expert_form not in EXPERT_FORMS:
+        _fail(
+            "expert_form", cfg.expert_form, "unknown expert form", f"choose one of {EXPERT_FORMS}"
+        )
+    if not cfg.is_moe:
+        return
+    if cfg.n_experts < 1:
+        _fail("n_experts", cfg.n_experts, "an MoE model needs experts", "set n_experts >= 1")
+    if not 1 <= cfg.top_k <= cfg.n_experts:
+        _fail("top_k", cfg.top_k, f"must be in 1..n_experts={cfg.n_experts}", "lower top_k")
+    if cfg.capacity_factor <= 0:
+        _fail("capacity_factor", cfg.capacity_factor, "must be > 0", "use e.g. 1.0 or 1.25")
+    if cfg.moe_group_size < 0 or (cfg.moe_group_size and cfg.seq_len % cfg.moe_group_size):
+        _fail(
+            "moe_group_size",
+            cfg.moe_group_size,
+            f"must divide seq_len={cfg.seq_len}",
+            "use 0 (one group per sequence) or a divisor of seq_len",
+        )
+    if not 0.0 <= cfg.expert_dropout < 1.0:
+        _fail("expert_dropout", cfg.expert_dropout, "must be in [0, 1)", "use e.g. 0.1")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny_moe": ModelConfig(name="tiny_moe"),
+    "tiny_dense": ModelConfig(name="tiny_dense", moe_every=0),
+}
+DEFAULT_PRESET = "tiny_moe"
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown config {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def _parse_value(field: dataclasses.Field, text: str):
+    kind = type(getattr(ModelConfig(), field.name))
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
+        return kind(text)
+    except ValueError:
+        raise ConfigError(
+            f"--set {field.name}={text}: expected {kind.__name__}; "
+            f"e.g. --set {field.name}={getattr(ModelConfig(), field.name)}"
+        ) from None
+
+
+def with_overrides(cfg: ModelConfig, assignments: Iterable[str]) -> ModelConfig:
+    """Apply `key=value` strings (the CLI's --set) to a config, checking names and types."""
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    changes = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set n_layers=4")
+        if key not in fields:
+            raise ConfigError(
+                f"--set {key}: unknown field; choose one of {', '.join(sorted(fields))}"
+            )
+        changes[key] = _parse_value(fields[key], text.strip())
+    return cfg.replace(**changes)

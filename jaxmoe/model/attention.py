@@ -1,0 +1,52 @@
+"""Causal multi-head self-attention.
+
+Projections keep heads (H) and head dim (K) as separate axes so a strategy may split either.
+Before the scores every device rebuilds whole head vectors (the `ATTN_BATCH` layout), so the
+Q.K^T contraction over K is never split across devices and no [S, S] tensor crosses them.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.axes import Axis
+from jaxmoe.config import ModelConfig
+from jaxmoe.model.params import weight
+from jaxmoe.sharding import constrain
+
+PROJ = (Axis.BATCH, Axis.SEQ, Axis.HEADS, Axis.HEAD_DIM)  # q, k, v, o as projected: [B, S, H, K]
+CORE = (Axis.ATTN_BATCH, Axis.SEQ, Axis.HEADS, None)  # whole head vectors: [B, S, H, K]
+RESIDUAL = (Axis.BATCH, Axis.SEQ, Axis.EMBED)  # [B, S, D]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, k = cfg.d_model, cfg.n_heads, cfg.head_dim
+        qkv_axes = (Axis.EMBED, Axis.HEADS, Axis.HEAD_DIM)
+        std_out = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        self.wq = weight(rngs, cfg, (d, h, k), qkv_axes, cfg.init_std)  # [D, H, K]
+        self.wk = weight(rngs, cfg, (d, h, k), qkv_axes, cfg.init_std)
+        self.wv = weight(rngs, cfg, (d, h, k), qkv_axes, cfg.init_std)
+        self.wo = weight(rngs, cfg, (h, k, d), (Axis.HEADS, Axis.HEAD_DIM, Axis.EMBED), std_out)
+        self.dtype = cfg.compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, S, D] -> [B, S, D]."""
+        dt = self.dtype
+        with jax.named_scope("qkv"):
+            q, k, v = (
+                constrain(jnp.einsum("BSD,DHK->BSHK", x, w[...].astype(dt)), PROJ)
+                for w in (self.wq, self.wk, self.wv)
+            )
+        with jax.named_scope("attention_core"):
+            q, k, v = (constrain(t, CORE) for t in (q, k, v))
+            scale = q.shape[-1] ** -0.5
+            scores = jnp.einsum("BSHK,BTHK->BHST", q, k, preferred_element_type=jnp.float32)
+            s = scores.shape[-1]
+            causal = jnp.tril(jnp.ones((s, s), dtype=bool))
+            scores = jnp.where(causal, scores * scale, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # [B, H, S, T]
+            o = constrain(jnp.einsum("BHST,BTHK->BSHK", probs, v), CORE)
+        with jax.named_scope("out_proj"):
+            o = constrain(o, PROJ)
+            return constrain(jnp.einsum("BSHK,HKD->BSD", o, self.wo[...].astype(dt)), RESIDUAL)

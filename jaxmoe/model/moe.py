@@ -1,0 +1,133 @@
+"""Mixture-of-Experts layer: router, top-k with capacity, dispatch, experts, combine.
+
+Tokens are routed in groups of `group_size` tokens (G groups; one group per sequence by default),
+GShard-style: every token's first choice is placed before any second choice, in sequence order,
+and an expert takes at most C = ceil(k * group_size * capacity_factor / E) tokens per group. A
+token that finds its expert full is dropped for that choice (counted) and keeps its residual.
+
+Dispatch and combine are one-hot einsums. The dispatched tensor [E, G, C, D] is laid out by
+experts and the returning one [G, E, C, D] by groups, so a strategy that maps experts and groups
+to the same mesh axis gets exactly one all-to-all each way. (A strategy that splits the expert
+width instead pays an all-reduce of [E, G, C, D] before the combine: XLA's partitioner does not
+carry partial sums through the combine einsum.)
+
+Top-k is k rounds of argmax rather than `lax.top_k`: XLA's SPMD partitioner replicates the
+operand of the TopK custom call, while argmax is a reduction it partitions like any other.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.axes import Axis
+from jaxmoe.config import ModelConfig
+from jaxmoe.model.params import weight
+from jaxmoe.sharding import constrain
+
+TOKENS = (Axis.GROUP, None, Axis.EMBED)  # [G, S, D]
+AT_EXPERTS = (Axis.EXPERT, Axis.GROUP, Axis.CAPACITY, Axis.EMBED)  # [E, G, C, D]
+HIDDEN = (Axis.EXPERT, Axis.GROUP, Axis.CAPACITY, Axis.EXPERT_MLP)  # [E, G, C, F]
+AT_GROUPS = (Axis.GROUP, Axis.EXPERT, Axis.CAPACITY, Axis.EMBED)  # [G, E, C, D]
+ROUTED = (Axis.GROUP, None, None)  # router logits, probabilities, choices: [G, S, E]
+SLOTS = (Axis.GROUP, None, None, None)  # dispatch and combine masks: [G, S, E, C]
+COMBINE = (
+    Axis.GROUP,
+    None,
+    Axis.EXPERT,
+    None,
+)  # combine weights met by expert outputs: [G, S, E, C]
+
+
+def route(logits: jax.Array, top_k: int, capacity: int) -> tuple[jax.Array, jax.Array, dict]:
+    """Top-k routing with capacity.
+
+    logits: [G, S, E] float32. Returns dispatch [G, S, E, C] (0/1), combine [G, S, E, C] (gate
+    weights) and statistics. Gates are renormalised over the k choices when k > 1.
+    """
+    n_experts = logits.shape[-1]
+    probs = constrain(jax.nn.softmax(logits, axis=-1), ROUTED)  # [G, S, E]
+    remaining = probs
+    picks, gates = [], []
+    for _ in range(top_k):
+        onehot = jax.nn.one_hot(jnp.argmax(remaining, axis=-1), n_experts)  # [G, S, E]
+        onehot = constrain(onehot, ROUTED)
+        picks.append(onehot)
+        gates.append(jnp.sum(probs * onehot, axis=-1))  # [G, S]
+        remaining = jnp.where(onehot > 0, -1.0, remaining)
+    if top_k > 1:
+        total = sum(gates)
+        gates = [g / total for g in gates]
+
+    filled = jnp.zeros(logits.shape[:1] + logits.shape[2:])  # [G, E] slots taken so far
+    dispatch = combine = 0.0
+    kept = 0.0
+    for onehot, gate in zip(picks, gates, strict=True):
+        position = jnp.cumsum(onehot, axis=1) - onehot + filled[:, None, :]  # [G, S, E]
+        keep = onehot * (position < capacity)
+        slot = jax.nn.one_hot(position.astype(jnp.int32), capacity) * keep[..., None]
+        dispatch = dispatch + slot  # [G, S, E, C]
+        combine = combine + gate[..., None, None] * slot
+        filled = filled + jnp.sum(onehot, axis=1)
+        kept = kept + jnp.sum(keep)
+
+    assigned = sum(picks)  # [G, S, E]
+    load = jnp.mean(assigned, axis=(0, 1)) / top_k  # [E] fraction of assignments per expert
+    stats = {
+        "load_balance_loss": n_experts * jnp.sum(load * jnp.mean(probs, axis=(0, 1))),
+        "router_z_loss": jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2),
+        "dropped_fraction": 1.0 - kept / jnp.sum(assigned),
+        "expert_load": load,
+    }
+    return constrain(dispatch, SLOTS), constrain(combine, SLOTS), stats
+
+
+class Moe(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff
+        std_out = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        up_axes = (Axis.EXPERT, Axis.EMBED, Axis.EXPERT_MLP)
+        self.router = weight(rngs, cfg, (d, e), (Axis.EMBED, None), cfg.init_std)  # [D, E]
+        self.w_in = weight(rngs, cfg, (e, d, f), up_axes, cfg.init_std)  # [E, D, F]
+        if cfg.expert_form == "swiglu":
+            self.w_gate = weight(rngs, cfg, (e, d, f), up_axes, cfg.init_std)
+        self.w_out = weight(
+            rngs, cfg, (e, f, d), (Axis.EXPERT, Axis.EXPERT_MLP, Axis.EMBED), std_out
+        )
+        self.cfg = cfg
+
+    def experts(self, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
+        """x: [E, G, C, D] -> [E, G, C, D], each expert applied to its slots."""
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        h = jnp.einsum("EGCD,EDF->EGCF", x, self.w_in[...].astype(dt))
+        if cfg.expert_form == "swiglu":
+            gate = jnp.einsum("EGCD,EDF->EGCF", x, self.w_gate[...].astype(dt))
+            h = jax.nn.silu(gate) * h
+        else:
+            h = jax.nn.gelu(h)
+        h = constrain(h, HIDDEN)
+        if dropout_key is not None and cfg.expert_dropout > 0:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - cfg.expert_dropout, h.shape)
+            h = jnp.where(keep, h / (1.0 - cfg.expert_dropout), 0).astype(dt)
+        return jnp.einsum("EGCF,EFD->EGCD", h, self.w_out[...].astype(dt))
+
+    def __call__(
+        self, x: jax.Array, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, dict]:
+        """x: [B, S, D] -> ([B, S, D], routing statistics)."""
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        b, s, d = x.shape
+        xg = constrain(x.reshape(b * s // cfg.group_size, cfg.group_size, d), TOKENS)
+        with jax.named_scope("router"):
+            logits = jnp.einsum(
+                "GSD,DE->GSE", xg.astype(jnp.float32), self.router[...].astype(jnp.float32)
+            )
+            dispatch, combine, stats = route(constrain(logits, ROUTED), cfg.top_k, cfg.capacity)
+        with jax.named_scope("dispatch"):
+            xe = constrain(jnp.einsum("GSEC,GSD->EGCD", dispatch.astype(dt), xg), AT_EXPERTS)
+        with jax.named_scope("experts"):
+            ye = self.experts(xe, dropout_key)
+        with jax.named_scope("combine"):
+            ye = constrain(jnp.transpose(ye, (1, 0, 2, 3)), AT_GROUPS)
+            combine = constrain(combine.astype(dt), COMBINE)
+            y = constrain(jnp.einsum("GECD,GSEC->GSD", ye, combine), TOKENS)
+        return y.reshape(b, s, d), stats

@@ -1,0 +1,127 @@
+"""The decoder-only transformer: embeddings, a scanned stack of pre-norm blocks, the LM head.
+
+Blocks are stacked on a leading `layers` axis (created with `nnx.vmap`) and run by `lax.scan`.
+One block holds `moe_every - 1` dense layers followed by one MoE layer (a dense model: one dense
+layer), so a model whose layers are all MoE, all dense or interleaved scans one uniform block.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmoe.axes import Axis
+from jaxmoe.config import ModelConfig
+from jaxmoe.model.attention import RESIDUAL, Attention
+from jaxmoe.model.mlp import Mlp
+from jaxmoe.model.moe import Moe
+from jaxmoe.model.params import RMSNorm, weight
+from jaxmoe.sharding import constrain
+
+ROUTER_STATS = ("load_balance_loss", "router_z_loss", "dropped_fraction", "expert_load")
+
+
+class DenseLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.norm_attn, self.attn = RMSNorm(cfg), Attention(cfg, rngs)
+        self.norm_mlp, self.mlp = RMSNorm(cfg), Mlp(cfg, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm_attn(x))
+        return constrain(x + self.mlp(self.norm_mlp(x)), RESIDUAL)
+
+
+class MoeLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.norm_attn, self.attn = RMSNorm(cfg), Attention(cfg, rngs)
+        self.norm_moe, self.moe = RMSNorm(cfg), Moe(cfg, rngs)
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None) -> tuple[jax.Array, dict]:
+        x = x + self.attn(self.norm_attn(x))
+        y, stats = self.moe(self.norm_moe(x), dropout_key)
+        return constrain(x + y, RESIDUAL), stats
+
+
+class Block(nnx.Module):
+    """One scan step: `moe_every - 1` dense layers then one MoE layer, or one dense layer."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        n_dense = cfg.layers_per_block - 1 if cfg.is_moe else 1
+        self.dense = nnx.List([DenseLayer(cfg, rngs) for _ in range(n_dense)])
+        self.moe = MoeLayer(cfg, rngs) if cfg.is_moe else None
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None) -> tuple[jax.Array, dict]:
+        for layer in self.dense:
+            x = layer(x)
+        if self.moe is None:
+            return x, {}
+        return self.moe(x, dropout_key)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = weight(
+            rngs, cfg, (cfg.padded_vocab, cfg.d_model), (Axis.VOCAB, Axis.EMBED), 1.0
+        )
+        self.pos_embed = weight(rngs, cfg, (cfg.seq_len, cfg.d_model), (None, Axis.EMBED), 1.0)
+
+        @nnx.split_rngs(splits=cfg.n_blocks)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: Axis.LAYERS})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg)
+        self.unembed = weight(
+            rngs, cfg, (cfg.d_model, cfg.padded_vocab), (Axis.EMBED, Axis.VOCAB), cfg.init_std
+        )
+
+    def __call__(
+        self, tokens: jax.Array, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, dict]:
+        """tokens: [B, S] int -> (logits [B, S, V] float32, router statistics per MoE layer)."""
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        s = tokens.shape[1]
+        with jax.named_scope("embed"):
+            x = jnp.take(self.embed[...], tokens, axis=0) + self.pos_embed[:s]
+            x = constrain(x.astype(dt), RESIDUAL)  # [B, S, D]
+
+        graphdef, block_state = nnx.split(self.blocks)
+        keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_blocks)
+
+        def step(x, per_block):
+            state, key = per_block
+            return nnx.merge(graphdef, state)(x, key)
+
+        x, stats = jax.lax.scan(step, x, (block_state, keys))  # stats: [L_moe, ...] each
+
+        with jax.named_scope("lm_head"):
+            x = self.final_norm(x)
+            logits = jnp.einsum(
+                "BSD,DV->BSV", x, self.unembed[...].astype(dt), preferred_element_type=jnp.float32
+            )
+            vocab_ids = jnp.arange(cfg.padded_vocab)
+            logits = jnp.where(vocab_ids < cfg.vocab_size, logits, -1e9)  # padding never wins
+            logits = constrain(logits, (Axis.BATCH, Axis.SEQ, Axis.VOCAB))
+        return logits, stats
+
+
+def loss_fn(
+    model: Transformer,
+    inputs: jax.Array,
+    targets: jax.Array,
+    dropout_key: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
+    """Next-token cross-entropy plus the weighted router losses; returns (loss, metrics)."""
+    cfg = model.cfg
+    logits, stats = model(inputs, dropout_key)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    metrics = {"ce_loss": jnp.mean(nll)}
+    loss = metrics["ce_loss"]
+    if cfg.is_moe:
+        metrics |= {name: jnp.mean(stats[name], axis=0) for name in ROUTER_STATS}
+        loss = loss + cfg.router_aux_coef * metrics["load_balance_loss"]
+        loss = loss + cfg.router_z_coef * metrics["router_z_loss"]
+    metrics["loss"] = loss
+    return loss, metrics

@@ -1,0 +1,164 @@
+"""Logical axes -> mesh axes: the strategy value, partition specs, and activation constraints.
+
+A `Strategy` is handed to the library as a value (the library never imports `meshes/`). Model
+code calls `constrain(x, axes)` with logical axes only; inside `activation_layout(...)` that
+becomes a sharding constraint for XLA's SPMD partitioner, outside it does nothing.
+"""
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxmoe.axes import Axis
+from jaxmoe.config import ConfigError, ModelConfig
+
+MeshAxes = tuple[str, ...]
+Rules = Mapping[Axis, MeshAxes]
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """A placement: a mesh shape, logical-to-mesh rules and the textbook traffic of the layout.
+
+    `textbook_bytes(cfg)` gives the bytes one device should send per layer in the forward pass,
+    as `{"dense": ..., "moe": ...}`, from the collective formulas of strategies.md.
+    """
+
+    name: str
+    mesh_shape: tuple[tuple[str, int], ...]
+    rules: Rules
+    description: str
+    textbook_bytes: Callable[[ModelConfig], dict[str, float]]
+
+    def __post_init__(self) -> None:
+        names = {axis for axis, _ in self.mesh_shape}
+        for logical, mesh_axes in self.rules.items():
+            if not isinstance(logical, Axis):
+                raise TypeError(f"{self.name}: rule key {logical!r} is not an Axis")
+            unknown = set(mesh_axes) - names
+            if unknown or len(set(mesh_axes)) != len(mesh_axes):
+                raise ValueError(f"{self.name}: rule {logical} -> {mesh_axes} is not over {names}")
+
+    @property
+    def n_devices(self) -> int:
+        return math.prod(size for _, size in self.mesh_shape)
+
+    @property
+    def axis_sizes(self) -> dict[str, int]:
+        return dict(self.mesh_shape)
+
+    def make_mesh(self, devices: Sequence[jax.Device]) -> Mesh:
+        if len(devices) != self.n_devices:
+            raise ConfigError(
+                f"strategy {self.name} needs {self.n_devices} devices, {len(devices)} given; "
+                f"run with --devices {self.n_devices}"
+            )
+        shape = tuple(size for _, size in self.mesh_shape)
+        names = tuple(name for name, _ in self.mesh_shape)
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+        return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
+
+    def spec(self, logical: Sequence[Axis | None]) -> PartitionSpec:
+        """The partition spec of an array whose dimensions have these logical names.
+
+        A mesh axis serves the first dimension that asks for it: later dimensions whose rule names
+        an axis already used stay unsplit over it (so `[E, G, ...]` is split by experts and
+        `[G, E, ...]` by groups when both map to the same mesh axis).
+        """
+        used: set[str] = set()
+        parts = []
+        for name in logical:
+            axes = tuple(a for a in self.rules.get(name, ()) if a not in used) if name else ()
+            used.update(axes)
+            parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        return PartitionSpec(*parts)
+
+    def split_factor(self, logical: Axis) -> int:
+        sizes = self.axis_sizes
+        return math.prod(sizes[a] for a in self.rules.get(logical, ()))
+
+
+# ---- activation constraints -----------------------------------------------------------------
+_LAYOUT: contextvars.ContextVar[tuple[Mesh, Strategy] | None] = contextvars.ContextVar(
+    "jaxmoe_layout", default=None
+)
+
+
+@contextlib.contextmanager
+def activation_layout(mesh: Mesh, strategy: Strategy) -> Iterator[None]:
+    """Within this context, `constrain` pins activations to `strategy`'s layout on `mesh`."""
+    token = _LAYOUT.set((mesh, strategy))
+    try:
+        yield
+    finally:
+        _LAYOUT.reset(token)
+
+
+def constrain(x: jax.Array, logical: Sequence[Axis | None]) -> jax.Array:
+    """Pin `x` to the sharding its logical axes get under the active layout (if any)."""
+    layout = _LAYOUT.get()
+    if layout is None:
+        return x
+    mesh, strategy = layout
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, strategy.spec(logical)))
+
+
+# ---- parameters ---------------------------------------------------------------------------
+def logical_specs(state: nnx.State) -> nnx.State:
+    """The logical axes of every parameter, as a State of PartitionSpecs of `Axis` names."""
+    return nnx.get_partition_spec(state)
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, strategy: Strategy) -> nnx.State:
+    """NamedSharding of every parameter under `strategy`, from its logical axis names."""
+
+    def to_sharding(spec: PartitionSpec) -> NamedSharding:
+        return NamedSharding(mesh, strategy.spec(tuple(spec)))
+
+    return jax.tree.map(
+        to_sharding, logical_specs(state), is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+
+
+# ---- divisibility, checked before anything is compiled --------------------------------------
+def _split_sizes(cfg: ModelConfig) -> dict[Axis, tuple[int, str]]:
+    """Each logical axis's size in this config and the field (or fields) that set it."""
+    sizes = {
+        Axis.BATCH: (cfg.batch, "batch"),
+        Axis.ATTN_BATCH: (cfg.batch, "batch"),
+        Axis.SEQ: (cfg.seq_len, "seq_len"),
+        Axis.EMBED: (cfg.d_model, "d_model"),
+        Axis.HEADS: (cfg.n_heads, "n_heads"),
+        Axis.HEAD_DIM: (cfg.head_dim, "head_dim"),
+        Axis.MLP: (cfg.d_ff, "d_ff"),
+        Axis.VOCAB: (cfg.padded_vocab, "vocab_size (padded to a multiple of 128)"),
+        Axis.LAYERS: (cfg.n_blocks, "n_layers / moe_every"),
+    }
+    if cfg.is_moe:
+        sizes |= {
+            Axis.EXPERT: (cfg.n_experts, "n_experts"),
+            Axis.EXPERT_MLP: (cfg.d_ff, "d_ff"),
+            Axis.GROUP: (cfg.n_groups, "batch * seq_len / moe_group_size"),
+            Axis.CAPACITY: (cfg.capacity, "capacity_factor"),
+        }
+    return sizes
+
+
+def check_divisible(cfg: ModelConfig, strategy: Strategy) -> None:
+    """Raise a one-line ConfigError for any size this strategy splits unevenly."""
+    for logical, (size, field) in _split_sizes(cfg).items():
+        factor = strategy.split_factor(logical)
+        if size % factor:
+            mesh_axes = "x".join(strategy.rules[logical])
+            raise ConfigError(
+                f"strategy {strategy.name} splits {field}={size} over mesh axes {mesh_axes} "
+                f"({factor} devices), which does not divide it; "
+                f"choose {field} as a multiple of {factor}"
+            )

@@ -1,0 +1,11 @@
+"""Mesh axis names, defined once for every strategy."""
+
+from enum import StrEnum
+
+
+class MeshAxis(StrEnum):
+    TENSOR = "tensor"
+    PIPE = "pipe"
+    EXPERT = "expert"
+    HEADS = "heads"
+    DIMS = "dims"

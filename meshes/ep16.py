@@ -1,0 +1,36 @@
+"""ep16: large expert parallelism, one expert per device (papers 000 and 003), GShard-style.
+
+Every MoE layer's experts are spread over the 16 devices (E/16 each: one when E = 16); attention,
+dense MLPs, embeddings and router are replicated and the batch (and routing groups) is split over
+the same axis. Tokens reach their experts by one all-to-all and come back by another; nothing
+else moves but the router's statistics.
+"""
+
+from jaxmoe.axes import Axis
+from jaxmoe.config import ModelConfig
+from jaxmoe.sharding import Strategy
+from meshes import volumes
+from meshes.axes import MeshAxis
+
+N = 16
+
+
+def textbook_bytes(cfg: ModelConfig) -> dict[str, float]:
+    if not cfg.is_moe:
+        return {"dense": 0.0, "moe": 0.0}
+    dispatched = cfg.n_groups * cfg.n_experts * cfg.capacity * cfg.d_model
+    return {"dense": 0.0, "moe": 2 * volumes.all_to_all(dispatched * cfg.compute_dtype.itemsize, N)}
+
+
+STRATEGY = Strategy(
+    name="ep16",
+    mesh_shape=((MeshAxis.EXPERT, N),),
+    rules={
+        Axis.BATCH: (MeshAxis.EXPERT,),
+        Axis.ATTN_BATCH: (MeshAxis.EXPERT,),
+        Axis.GROUP: (MeshAxis.EXPERT,),
+        Axis.EXPERT: (MeshAxis.EXPERT,),
+    },
+    description="expert parallel 16: one expert per device, batch split over the same axis",
+    textbook_bytes=textbook_bytes,
+)

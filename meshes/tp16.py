@@ -1,0 +1,41 @@
+"""tp16: Megatron tensor parallelism over 16 devices.
+
+Attention is split by heads (QKV column-parallel, output row-parallel), the MLP by its hidden
+width (up column-parallel, down row-parallel), the vocabulary of the embedding and LM head 16
+ways. Every expert lives on every device with its hidden width split 16 ways (paper 003's
+baseline placement). The residual stream is replicated: one all-reduce of a [tokens, D]
+activation after attention and one after the MLP. In an MoE layer the second all-reduce is of
+the expert outputs [E, G, C, D] before the combine (XLA does not carry partial sums through the
+combine einsum): top_k x capacity_factor times the bytes of a [tokens, D] activation.
+"""
+
+from jaxmoe.axes import Axis
+from jaxmoe.config import ModelConfig
+from jaxmoe.sharding import Strategy
+from meshes import volumes
+from meshes.axes import MeshAxis
+
+N = 16
+
+
+def textbook_bytes(cfg: ModelConfig) -> dict[str, float]:
+    item = cfg.compute_dtype.itemsize
+    attention = volumes.all_reduce(cfg.tokens * cfg.d_model * item, N)
+    if not cfg.is_moe:
+        return {"dense": 2 * attention, "moe": 0.0}
+    expert_out = cfg.n_groups * cfg.n_experts * cfg.capacity * cfg.d_model * item
+    return {"dense": 2 * attention, "moe": attention + volumes.all_reduce(expert_out, N)}
+
+
+STRATEGY = Strategy(
+    name="tp16",
+    mesh_shape=((MeshAxis.TENSOR, N),),
+    rules={
+        Axis.HEADS: (MeshAxis.TENSOR,),
+        Axis.MLP: (MeshAxis.TENSOR,),
+        Axis.EXPERT_MLP: (MeshAxis.TENSOR,),
+        Axis.VOCAB: (MeshAxis.TENSOR,),
+    },
+    description="Megatron tensor parallel 16: heads, MLP and expert width, vocab split 16 ways",
+    textbook_bytes=textbook_bytes,
+)
