@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmoe.axes import Axis
 from jaxmoe.config import ModelConfig
@@ -46,6 +46,9 @@ class Placement:
             self.abstract,
             self.shardings,
         )
+
+    def abstract_params_flat(self) -> list[jax.ShapeDtypeStruct]:
+        return jax.tree.leaves(self.abstract_params())
 
     def put(self, state: nnx.State) -> nnx.State:
         """Copy parameters (e.g. made on one device) into this placement's layout."""
@@ -112,6 +115,16 @@ def param_bytes_per_device(compiled: jax.stages.Compiled, abstract: nnx.State) -
         math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
         for a, s in zip(leaves, per_leaf, strict=True)
     )
+
+
+def param_specs(compiled: jax.stages.Compiled, abstract: nnx.State) -> dict[str, PartitionSpec]:
+    """Each parameter's path (`blocks/moe/attn/wq`) and the partition spec the program uses."""
+    shardings = jax.tree.leaves(compiled.input_shardings[0][0])
+    paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(abstract)]
+    names = [
+        "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path) for path in paths
+    ]
+    return {name.removesuffix("/value"): s.spec for name, s in zip(names, shardings, strict=True)}
 
 
 def param_bytes_total(abstract: nnx.State) -> int:

@@ -1,0 +1,124 @@
+"""What each strategy's compiled program does, read from the program itself (HLO, shardings)."""
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+from tiny import forward_hlo, tiny
+
+import meshes
+from jaxmoe.analysis.collectives import inventory
+from jaxmoe.compare import per_layer, textbook_per_layer
+from jaxmoe.placement import param_specs
+
+GOLDEN = Path(__file__).parent / "golden"
+STRATEGIES = list(meshes.REGISTRY.values())
+IDS = [s.name for s in STRATEGIES]
+COLLECTIVE_LINE = re.compile(
+    r"= .*\b(all-to-all|all-gather|all-reduce|reduce-scatter|collective-permute)"
+)
+SHAPE = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
+
+
+def layer_counts(cfg, strategy):
+    placement, compiled = forward_hlo(cfg, strategy)
+    inv = inventory(compiled.as_text(), strategy.axis_sizes)
+    return placement, compiled, inv, {k: c for k, (c, _) in per_layer(inv, cfg.n_layers).items()}
+
+
+def shard_fraction(placement, compiled, predicate) -> float:
+    """Bytes one device holds of the parameters whose path matches, over their full size."""
+    specs = param_specs(compiled, placement.abstract)
+    sizes = dict(zip(specs, placement.abstract_params_flat(), strict=True))
+    held = total = 0
+    for path, spec in specs.items():
+        if not predicate(path):
+            continue
+        shape = sizes[path].shape
+        split = [
+            math.prod(placement.strategy.axis_sizes[a] for a in ((p,) if isinstance(p, str) else p))
+            if p
+            else 1
+            for p in (*spec, *([None] * (len(shape) - len(spec))))
+        ]
+        total += math.prod(shape)
+        held += math.prod(d // n for d, n in zip(shape, split, strict=True))
+    assert total, "no parameter matched"
+    return held / total
+
+
+def test_ep16_two_all_to_alls_per_moe_layer_and_no_all_gather():
+    cfg = tiny(True, moe_every=2, n_layers=4)  # 2 dense + 2 MoE layers
+    placement, compiled, inv, _ = layer_counts(cfg, meshes.get("ep16"))
+    total = inv.by_kind()
+    assert total["all-to-all"].count == 2 * cfg.n_moe_layers
+    assert total["all-gather"].count == 0
+    assert all(c.axes == ("expert",) for c in inv.collectives if c.kind == "all-to-all")
+    is_expert = re.compile(r"moe/moe/w_(in|out)$").search
+    assert shard_fraction(placement, compiled, is_expert) == 1 / 16
+
+
+def test_ep16_dense_layers_move_nothing():
+    _, _, inv, _ = layer_counts(tiny(False), meshes.get("ep16"))
+    assert inv.total_bytes(in_loop=True) == 0
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_tp16_megatron_all_reduces(moe):
+    cfg = tiny(moe)
+    _, _, inv, counts = layer_counts(cfg, meshes.get("tp16"))
+    reductions = counts["all-reduce"] + counts["reduce-scatter"]
+    assert reductions == 2
+    assert counts["all-gather"] == counts["reduce-scatter"]  # a split all-reduce comes in pairs
+    assert counts["all-to-all"] == 0
+    assert all(c.axes == ("tensor",) for c in inv.collectives if c.loop_depth)
+
+
+def test_heads_dims_attention_is_sliced_16_ways_and_moves_no_scores():
+    s = 40  # a sequence length no other dimension shares
+    cfg = tiny(True, seq_len=s)
+    placement, compiled, _, _ = layer_counts(cfg, meshes.get("heads_dims_4x4"))
+    is_attention = re.compile(r"attn/w[qkvo]$").search
+    assert shard_fraction(placement, compiled, is_attention) == 1 / 16
+    hlo = compiled.as_text()
+    for line in hlo.splitlines():
+        if COLLECTIVE_LINE.search(line):
+            for dims in SHAPE.findall(line.split(" all-")[0]):
+                assert [int(d) for d in dims.split(",") if d].count(s) < 2, line
+    # No head's scores are computed twice: a device's [., S, S] tensors cover 1/16 of B x H.
+    share = cfg.batch * cfg.n_heads // 16
+    for dims in SHAPE.findall(hlo):
+        shape = [int(d) for d in dims.split(",") if d]
+        if len(shape) >= 3 and shape[-2:] == [s, s]:
+            assert math.prod(shape[:-2]) <= share, shape
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=IDS)
+def test_bytes_sent_match_the_textbook(strategy, moe):
+    cfg = tiny(moe)
+    _, _, inv, _ = layer_counts(cfg, strategy)
+    measured = inv.total_bytes(in_loop=True) / cfg.n_layers
+    textbook = textbook_per_layer(cfg, strategy)
+    if textbook == 0:
+        assert measured == 0
+    else:
+        assert 0.9 <= measured / textbook <= 1.1, (measured, textbook)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=IDS)
+def test_parameter_specs_match_golden_snapshot(strategy):
+    """Set JAXMOE_UPDATE_GOLDEN=1 to rewrite the snapshots after an intended change."""
+    placement, compiled = forward_hlo(tiny(True, moe_every=2, n_layers=2), strategy)
+    specs = {
+        path: [list(p) if isinstance(p, tuple) else p for p in spec]
+        for path, spec in param_specs(compiled, placement.abstract).items()
+    }
+    path = GOLDEN / f"{strategy.name}.json"
+    if os.environ.get("JAXMOE_UPDATE_GOLDEN"):
+        lines = (f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(specs.items()))
+        path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+    assert specs == json.loads(path.read_text())

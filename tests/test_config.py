@@ -1,0 +1,75 @@
+"""Configuration: validation names the field and the fix; overrides are typed."""
+
+import pytest
+from tiny import tiny
+
+import meshes
+from jaxmoe.config import PRESETS, ConfigError, ModelConfig, preset, with_overrides
+from jaxmoe.sharding import check_divisible
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"top_k": 17}, "top_k"),
+        ({"capacity_factor": 0.0}, "capacity_factor"),
+        ({"capacity_factor": -1.0}, "capacity_factor"),
+        ({"moe_every": 3}, "moe_every"),
+        ({"n_heads": 0}, "n_heads"),
+        ({"dtype": "float8"}, "dtype"),
+        ({"expert_form": "relu"}, "expert_form"),
+        ({"moe_group_size": 7}, "moe_group_size"),
+        ({"expert_dropout": 1.0}, "expert_dropout"),
+        ({"seq_len": 1}, "seq_len"),
+    ],
+)
+def test_invalid_fields_are_named(changes, field):
+    with pytest.raises(ConfigError, match=f"^{field}="):
+        tiny(True, **changes)
+
+
+def test_derived_sizes():
+    cfg = ModelConfig(vocab_size=50257, seq_len=64, batch=16, n_experts=16, top_k=2)
+    assert cfg.padded_vocab == 50304
+    assert cfg.capacity == 10  # ceil(2 * 64 * 1.25 / 16)
+    assert cfg.n_groups == 16
+    mixed = cfg.replace(n_layers=4, moe_every=2)
+    assert (mixed.n_blocks, mixed.n_moe_layers, mixed.n_dense_layers) == (2, 2, 2)
+    assert cfg.replace(moe_group_size=16).n_groups == 64
+
+
+def test_overrides_parse_types_and_reject_unknowns():
+    cfg = with_overrides(
+        preset("tiny_moe"), ["n_layers=4", "capacity_factor=1.5", "dtype=bfloat16"]
+    )
+    assert (cfg.n_layers, cfg.capacity_factor, cfg.dtype) == (4, 1.5, "bfloat16")
+    with pytest.raises(ConfigError, match="unknown field"):
+        with_overrides(cfg, ["n_layer=4"])
+    with pytest.raises(ConfigError, match="expected int"):
+        with_overrides(cfg, ["n_layers=four"])
+    with pytest.raises(ConfigError, match="key=value"):
+        with_overrides(cfg, ["n_layers"])
+    with pytest.raises(ConfigError, match="unknown config"):
+        preset("paper999")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("strategy", list(meshes.REGISTRY.values()), ids=list(meshes.REGISTRY))
+def test_every_preset_fits_every_strategy(name, strategy):
+    check_divisible(preset(name), strategy)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "changes", "field"),
+    [
+        ("ep16", {"n_experts": 12}, "n_experts"),
+        ("ep16", {"batch": 8}, "batch"),
+        ("tp16", {"n_heads": 12}, "n_heads"),
+        ("tp16", {"d_ff": 120}, "d_ff"),
+        ("heads_dims_4x4", {"head_dim": 6}, "head_dim"),
+        ("heads_dims_4x4", {"batch": 6}, "batch"),
+    ],
+)
+def test_uneven_splits_name_the_field(strategy, changes, field):
+    with pytest.raises(ConfigError, match=f"splits {field}="):
+        check_divisible(tiny(True, **changes), meshes.get(strategy))

@@ -1,0 +1,56 @@
+"""The one shared tiny model of the test suite, and helpers to run it under a strategy."""
+
+import jax
+import numpy as np
+
+from jaxmoe.compare import compile_forward, random_tokens
+from jaxmoe.config import ModelConfig
+from jaxmoe.placement import Placement, init_params, loss_and_grad, place
+from jaxmoe.sharding import Strategy
+
+DEVICES = 16
+
+
+def tiny(moe: bool = True, **changes) -> ModelConfig:
+    """A model small enough to compile under every strategy in a few seconds."""
+    cfg = ModelConfig(
+        name="test_moe" if moe else "test_dense",
+        vocab_size=300,  # padded to 384 = 16 x 24
+        d_model=64,
+        n_heads=16,
+        head_dim=4,
+        d_ff=128,
+        n_layers=2,
+        moe_every=1 if moe else 0,
+        n_experts=16,
+        top_k=2,
+        capacity_factor=1.25,
+        batch=16,
+        seq_len=16,
+    )
+    return cfg.replace(**changes)
+
+
+def placed(cfg: ModelConfig, strategy: Strategy) -> Placement:
+    return place(cfg, strategy, jax.devices()[:DEVICES])
+
+
+def forward_hlo(cfg: ModelConfig, strategy: Strategy) -> tuple[Placement, jax.stages.Compiled]:
+    placement = placed(cfg, strategy)
+    return placement, compile_forward(placement)
+
+
+def loss_grads(cfg: ModelConfig, strategy: Strategy | None, seed: int = 0):
+    """(loss, grads) as numpy, on one device (strategy None) or laid out by `strategy`."""
+    graphdef, state = init_params(cfg, seed)
+    tokens = np.asarray(random_tokens(cfg, seed + 1))
+    inputs, targets = tokens, np.roll(tokens, -1, axis=1)
+    fn = loss_and_grad(graphdef)
+    if strategy is None:
+        loss, grads = jax.jit(fn)(state, inputs, targets)
+    else:
+        p = placed(cfg, strategy)
+        shard = p.token_sharding
+        jitted = p.jit(fn, in_shardings=(p.shardings, shard, shard))
+        loss, grads = jitted(p.put(state), *(jax.device_put(t, shard) for t in (inputs, targets)))
+    return float(loss), jax.tree.map(np.asarray, jax.tree.leaves(grads))
