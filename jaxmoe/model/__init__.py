@@ -1,5 +1,6 @@
 """The transformer (dense or MoE per layer) and its loss."""
 
-from jaxmoe.model.transformer import ROUTER_STATS, Transformer, loss_fn
+from jaxmoe.model.moe import router_metrics
+from jaxmoe.model.transformer import Transformer, loss_fn
 
-__all__ = ["ROUTER_STATS", "Transformer", "loss_fn"]
+__all__ = ["Transformer", "loss_fn", "router_metrics"]

@@ -42,7 +42,8 @@ def route(logits: jax.Array, top_k: int, capacity: int) -> tuple[jax.Array, jax.
     """Top-k routing with capacity.
 
     logits: [G, S, E] float32. Returns dispatch [G, S, E, C] (0/1), combine [G, S, E, C] (gate
-    weights) and statistics. Gates are renormalised over the k choices when k > 1.
+    weights) and token sums for `router_metrics`. Gates are renormalised over the k choices
+    when k > 1.
     """
     n_experts = logits.shape[-1]
     probs = constrain(jax.nn.softmax(logits, axis=-1), ROUTED)  # [G, S, E]
@@ -70,15 +71,35 @@ def route(logits: jax.Array, top_k: int, capacity: int) -> tuple[jax.Array, jax.
         filled = filled + jnp.sum(onehot, axis=1)
         kept = kept + jnp.sum(keep)
 
-    assigned = sum(picks)  # [G, S, E]
-    load = jnp.mean(assigned, axis=(0, 1)) / top_k  # [E] fraction of assignments per expert
-    stats = {
-        "load_balance_loss": n_experts * jnp.sum(load * jnp.mean(probs, axis=(0, 1))),
-        "router_z_loss": jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2),
-        "dropped_fraction": 1.0 - kept / jnp.sum(assigned),
-        "expert_load": load,
+    assigned = jnp.sum(sum(picks), axis=(0, 1))  # [E] choices made per expert
+    stats = {  # sums over tokens, so micro-batches add up to the whole batch
+        "tokens": jnp.asarray(probs.shape[0] * probs.shape[1], jnp.float32),
+        "assigned": assigned,
+        "kept": kept,
+        "prob_sum": jnp.sum(probs, axis=(0, 1)),  # [E]
+        "z_sum": jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2),
     }
     return constrain(dispatch, SLOTS), constrain(combine, SLOTS), stats
+
+
+def router_metrics(sums: dict) -> dict:
+    """Router losses and load from `route`'s sums (any leading axes, e.g. layers, are kept).
+
+    load_balance_loss = E * sum_e f_e * P_e (Switch/GShard), f_e the fraction of choices sent to
+    expert e before capacity, P_e its mean router probability; router_z_loss the mean squared
+    log-sum-exp of the router logits; dropped_fraction the share of choices over capacity.
+    """
+    tokens = sums["tokens"][..., None]
+    n_experts = sums["assigned"].shape[-1]
+    load = sums["assigned"] / jnp.sum(sums["assigned"], axis=-1, keepdims=True)  # [..., E]
+    mean_prob = sums["prob_sum"] / tokens
+    choices = jnp.sum(sums["assigned"], axis=-1)
+    return {
+        "load_balance_loss": n_experts * jnp.sum(load * mean_prob, axis=-1),
+        "router_z_loss": sums["z_sum"] / sums["tokens"],
+        "dropped_fraction": 1.0 - sums["kept"] / choices,
+        "expert_load": load,
+    }
 
 
 class Moe(nnx.Module):

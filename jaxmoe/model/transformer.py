@@ -13,11 +13,9 @@ from jaxmoe.axes import Axis
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.attention import RESIDUAL, Attention
 from jaxmoe.model.mlp import Mlp
-from jaxmoe.model.moe import Moe
+from jaxmoe.model.moe import Moe, router_metrics
 from jaxmoe.model.params import RMSNorm, weight
 from jaxmoe.sharding import constrain
-
-ROUTER_STATS = ("load_balance_loss", "router_z_loss", "dropped_fraction", "expert_load")
 
 
 class DenseLayer(nnx.Module):
@@ -79,7 +77,7 @@ class Transformer(nnx.Module):
     def __call__(
         self, tokens: jax.Array, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, dict]:
-        """tokens: [B, S] int -> (logits [B, S, V] float32, router statistics per MoE layer)."""
+        """tokens: [B, S] int -> (logits [B, S, V] float32, routing sums per MoE layer)."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         s = tokens.shape[1]
         with jax.named_scope("embed"):
@@ -119,8 +117,8 @@ def loss_fn(
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     metrics = {"ce_loss": jnp.mean(nll)}
     loss = metrics["ce_loss"]
-    if cfg.is_moe:
-        metrics |= {name: jnp.mean(stats[name], axis=0) for name in ROUTER_STATS}
+    if cfg.is_moe:  # each router metric averaged over the MoE layers
+        metrics |= jax.tree.map(lambda m: jnp.mean(m, axis=0), router_metrics(stats))
         loss = loss + cfg.router_aux_coef * metrics["load_balance_loss"]
         loss = loss + cfg.router_z_coef * metrics["router_z_loss"]
     metrics["loss"] = loss
