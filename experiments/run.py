@@ -18,7 +18,13 @@ from jaxmoe.config import DEFAULT_PRESET, ConfigError, preset, with_overrides
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__)
+    strategies = "\n".join(f"  {s.name:<16} {s.description}" for s in meshes.REGISTRY.values())
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.run",
+        description=__doc__,
+        epilog=f"strategies:\n{strategies}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", nargs="?", default="compare", choices=["compare"])
     parser.add_argument("--strategies", default=",".join(meshes.REGISTRY), help="comma-separated")
     parser.add_argument("--config", default=DEFAULT_PRESET, help="a named configuration")
