@@ -51,6 +51,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     batch: int = 16
     seq_len: int = 64
+    micro_batches: int = 4  # pipeline micro-batches (pipelined strategies only)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -118,7 +119,8 @@ def _fail(field: str, value, problem: str, fix: str) -> None:
 
 def validate(cfg: ModelConfig) -> None:
     """Every range and divisibility check of a configuration, each naming the field and the fix."""
-    for field in ("vocab_size", "d_model", "n_heads", "head_dim", "d_ff", "n_layers", "batch"):
+    positive = ("vocab_size", "d_model", "n_heads", "head_dim", "d_ff", "n_layers", "batch")
+    for field in (*positive, "micro_batches"):
         if getattr(cfg, field) < 1:
             _fail(field, getattr(cfg, field), "must be a positive integer", "set it to 1 or more")
     if cfg.seq_len < 2:

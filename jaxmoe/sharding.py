@@ -10,6 +10,7 @@ import contextvars
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -21,6 +22,13 @@ from jaxmoe.config import ConfigError, ModelConfig
 
 MeshAxes = tuple[str, ...]
 Rules = Mapping[Axis, MeshAxes]
+# (step, x, per_block, mesh, cfg) -> (x, stacked step outputs): step over the stacked blocks.
+LayerRunner = Callable[[Callable, jax.Array, Any, Mesh, ModelConfig], tuple[jax.Array, Any]]
+
+
+def scan_layers(step: Callable, x: jax.Array, per_block: Any, *_) -> tuple[jax.Array, Any]:
+    """The default layer runner: one `lax.scan` over the stacked blocks."""
+    return jax.lax.scan(step, x, per_block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +36,9 @@ class Strategy:
     """A placement: a mesh shape, logical-to-mesh rules and the textbook traffic of the layout.
 
     `textbook_bytes(cfg)` gives the bytes one device should send per layer in the forward pass,
-    as `{"dense": ..., "moe": ...}`, from the collective formulas of strategies.md.
+    as `{"dense": ..., "moe": ...}`, from the collective formulas of strategies.md. Where rules
+    cannot say it, `run_layers` replaces the scan over the blocks (a pipeline schedule) and
+    `check(cfg)` adds the strategy's own checks, raising ConfigError.
     """
 
     name: str
@@ -36,6 +46,8 @@ class Strategy:
     rules: Rules
     description: str
     textbook_bytes: Callable[[ModelConfig], dict[str, float]]
+    run_layers: LayerRunner = scan_layers
+    check: Callable[[ModelConfig], None] = lambda cfg: None
 
     def __post_init__(self) -> None:
         names = {axis for axis, _ in self.mesh_shape}
@@ -101,6 +113,17 @@ def activation_layout(mesh: Mesh, strategy: Strategy) -> Iterator[None]:
         _LAYOUT.reset(token)
 
 
+def run_layers(
+    step: Callable, x: jax.Array, per_block: Any, cfg: ModelConfig
+) -> tuple[jax.Array, Any]:
+    """Run `step` over the stacked blocks as the active strategy says (a scan by default)."""
+    layout = _LAYOUT.get()
+    if layout is None:
+        return scan_layers(step, x, per_block)
+    mesh, strategy = layout
+    return strategy.run_layers(step, x, per_block, mesh, cfg)
+
+
 def constrain(x: jax.Array, logical: Sequence[Axis | None]) -> jax.Array:
     """Pin `x` to the sharding its logical axes get under the active layout (if any)."""
     layout = _LAYOUT.get()
@@ -153,6 +176,7 @@ def _split_sizes(cfg: ModelConfig) -> dict[Axis, tuple[int, str]]:
 
 def check_divisible(cfg: ModelConfig, strategy: Strategy) -> None:
     """Raise a one-line ConfigError for any size this strategy splits unevenly."""
+    strategy.check(cfg)
     for logical, (size, field) in _split_sizes(cfg).items():
         factor = strategy.split_factor(logical)
         if size % factor:

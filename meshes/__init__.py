@@ -6,7 +6,12 @@ from meshes import ep16, heads_dims, tp16
 from meshes.axes import MeshAxis
 
 REGISTRY: dict[str, Strategy] = {
-    s.name: s for s in (tp16.STRATEGY, ep16.STRATEGY, heads_dims.STRATEGY)
+    s.name: s
+    for s in (
+        tp16.STRATEGY,
+        ep16.STRATEGY,
+        heads_dims.STRATEGY,
+    )
 }
 
 

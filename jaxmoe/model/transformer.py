@@ -1,6 +1,7 @@
 """The decoder-only transformer: embeddings, a scanned stack of pre-norm blocks, the LM head.
 
-Blocks are stacked on a leading `layers` axis (created with `nnx.vmap`) and run by `lax.scan`.
+Blocks are stacked on a leading `layers` axis (created with `nnx.vmap`) and run by `lax.scan`,
+or by the strategy's own layer runner (a pipeline schedule).
 One block holds `moe_every - 1` dense layers followed by one MoE layer (a dense model: one dense
 layer), so a model whose layers are all MoE, all dense or interleaved scans one uniform block.
 """
@@ -15,7 +16,7 @@ from jaxmoe.model.attention import RESIDUAL, Attention
 from jaxmoe.model.mlp import Mlp
 from jaxmoe.model.moe import Moe, router_metrics
 from jaxmoe.model.params import RMSNorm, weight
-from jaxmoe.sharding import constrain
+from jaxmoe.sharding import constrain, run_layers
 
 
 class DenseLayer(nnx.Module):
@@ -91,7 +92,7 @@ class Transformer(nnx.Module):
             state, key = per_block
             return nnx.merge(graphdef, state)(x, key)
 
-        x, stats = jax.lax.scan(step, x, (block_state, keys))  # stats: [L_moe, ...] each
+        x, stats = run_layers(step, x, (block_state, keys), cfg)  # stats: [L_moe, ...] each
 
         with jax.named_scope("lm_head"):
             x = self.final_norm(x)

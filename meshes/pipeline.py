@@ -1,0 +1,95 @@
+"""A GPipe schedule inside one jitted program, for XLA's SPMD partitioner (GSPMD paper, sec. 3.3).
+
+The stacked blocks [L, ...] are viewed as [P, L/P, ...] (stage-major, so stage p holds the
+contiguous blocks a `pipe`-split layers axis gives it). A state buffer [P, B/M, S, D] holds the
+micro-batch each stage works on; every iteration all stages run at once (`vmap` over P with
+`spmd_axis_name`, so each stage runs on its own devices), then the buffer rotates by one stage,
+which XLA lowers to a collective-permute over `pipe`. M micro-batches take M + P - 1 iterations;
+the bubble is (P - 1) / (M + P - 1).
+
+Step outputs (the MoE routing sums) are summed over the micro-batches each stage really worked
+on, so they equal the unpipelined ones. Dropout draws per (block, micro-batch) differ from an
+unpipelined run's.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxmoe.config import ConfigError, ModelConfig
+
+
+def bubble_fraction(stages: int, micro_batches: int) -> float:
+    return (stages - 1) / (micro_batches + stages - 1)
+
+
+def check(cfg: ModelConfig, stages: int) -> None:
+    if cfg.n_blocks % stages:
+        raise ConfigError(
+            f"n_layers={cfg.n_layers} gives {cfg.n_blocks} scanned blocks, not divisible into "
+            f"{stages} pipeline stages; choose n_layers as a multiple of "
+            f"{stages * cfg.layers_per_block}"
+        )
+    if cfg.batch % cfg.micro_batches:
+        raise ConfigError(
+            f"micro_batches={cfg.micro_batches} does not divide batch={cfg.batch}; "
+            f"choose a divisor of the batch (--set micro_batches=...)"
+        )
+
+
+def gpipe(stage_axis: str) -> Callable:
+    """A layer runner (see `jaxmoe.sharding.LayerRunner`) pipelining over mesh axis `stage_axis`
+    with `cfg.micro_batches` micro-batches."""
+
+    def run(
+        step: Callable, x: jax.Array, per_block: Any, mesh: Mesh, cfg: ModelConfig
+    ) -> tuple[jax.Array, Any]:
+        stages = mesh.shape[stage_axis]
+        m = cfg.micro_batches
+        n_blocks = jax.tree.leaves(per_block)[0].shape[0]
+        by_stage = jax.tree.map(
+            lambda a: a.reshape(stages, n_blocks // stages, *a.shape[1:]), per_block
+        )  # [P, L/P, ...]
+        micro = x.reshape(m, x.shape[0] // m, *x.shape[1:])  # [M, B/M, S, D]
+        pin = NamedSharding(mesh, PartitionSpec(stage_axis))
+
+        def stage(h, blocks):  # one stage's blocks on one micro-batch
+            return jax.lax.scan(step, h, blocks)
+
+        run_stages = jax.vmap(stage, spmd_axis_name=stage_axis)
+        _, stats_shape = jax.eval_shape(
+            run_stages, jnp.zeros((stages, *micro.shape[1:]), x.dtype), by_stage
+        )
+
+        def iteration(carry, t):
+            state, outputs, stats = carry
+            state = state.at[0].set(micro[jnp.minimum(t, m - 1)])
+            with jax.named_scope("pipeline_stages"):
+                out, step_stats = run_stages(jax.lax.with_sharding_constraint(state, pin), by_stage)
+            busy = (t - jnp.arange(stages) >= 0) & (t - jnp.arange(stages) < m)  # [P]
+            stats = jax.tree.map(
+                lambda acc, new: (
+                    acc + jnp.where(busy.reshape((-1,) + (1,) * (new.ndim - 1)), new, 0)
+                ),
+                stats,
+                step_stats,
+            )
+            done = t - (stages - 1)
+            outputs = jnp.where(done >= 0, outputs.at[jnp.maximum(done, 0)].set(out[-1]), outputs)
+            with jax.named_scope("pipeline_shift"):
+                state = jax.lax.with_sharding_constraint(jnp.roll(out, 1, axis=0), pin)
+            return (state, outputs, stats), None
+
+        init = (
+            jnp.zeros((stages, *micro.shape[1:]), x.dtype),
+            jnp.zeros_like(micro),
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape),
+        )
+        (_, outputs, stats), _ = jax.lax.scan(iteration, init, jnp.arange(m + stages - 1))
+        stats = jax.tree.map(lambda a: a.reshape(n_blocks, *a.shape[2:]), stats)
+        return outputs.reshape(x.shape), stats
+
+    return run
