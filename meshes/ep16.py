@@ -18,8 +18,7 @@ N = 16
 def textbook_bytes(cfg: ModelConfig) -> dict[str, float]:
     if not cfg.is_moe:
         return {"dense": 0.0, "moe": 0.0}
-    dispatched = cfg.n_groups * cfg.n_experts * cfg.capacity * cfg.d_model
-    return {"dense": 0.0, "moe": 2 * volumes.all_to_all(dispatched * cfg.compute_dtype.itemsize, N)}
+    return {"dense": 0.0, "moe": 2 * volumes.all_to_all(volumes.slots_bytes(cfg), N)}
 
 
 STRATEGY = Strategy(

@@ -26,9 +26,8 @@ N = GROUPS * SLICES
 
 
 def textbook_bytes(cfg: ModelConfig) -> dict[str, float]:
-    item = cfg.compute_dtype.itemsize
-    act = cfg.tokens * cfg.d_model * item  # a full [B, S, D] activation; q, k, v, o are as big
-    heads_act = cfg.tokens * cfg.n_heads * cfg.head_dim * item
+    act = volumes.activation_bytes(cfg)
+    heads_act = cfg.tokens * cfg.n_heads * cfg.head_dim * cfg.compute_dtype.itemsize  # q, k, v, o
     attention = (
         4 * volumes.all_to_all(heads_act / GROUPS, SLICES)
         + volumes.all_reduce(act, SLICES)
@@ -37,7 +36,7 @@ def textbook_bytes(cfg: ModelConfig) -> dict[str, float]:
     dense = attention + volumes.all_reduce(act, N)
     if not cfg.is_moe:
         return {"dense": dense, "moe": 0.0}
-    expert_out = cfg.n_groups * cfg.n_experts * cfg.capacity * cfg.d_model * item / GROUPS
+    expert_out = volumes.slots_bytes(cfg) / GROUPS  # each head group holds E/4 experts' slots
     moe = attention + volumes.all_reduce(expert_out, SLICES) + volumes.all_reduce(act, GROUPS)
     return {"dense": dense, "moe": moe}
 

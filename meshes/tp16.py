@@ -19,12 +19,13 @@ N = 16
 
 
 def textbook_bytes(cfg: ModelConfig) -> dict[str, float]:
-    item = cfg.compute_dtype.itemsize
-    attention = volumes.all_reduce(cfg.tokens * cfg.d_model * item, N)
+    attention = volumes.all_reduce(volumes.activation_bytes(cfg), N)
     if not cfg.is_moe:
         return {"dense": 2 * attention, "moe": 0.0}
-    expert_out = cfg.n_groups * cfg.n_experts * cfg.capacity * cfg.d_model * item
-    return {"dense": 2 * attention, "moe": attention + volumes.all_reduce(expert_out, N)}
+    return {
+        "dense": 2 * attention,
+        "moe": attention + volumes.all_reduce(volumes.slots_bytes(cfg), N),
+    }
 
 
 STRATEGY = Strategy(

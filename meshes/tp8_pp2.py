@@ -35,11 +35,9 @@ MEGATRON = {
 
 def textbook(experts_split: bool):
     def textbook_bytes(cfg: ModelConfig) -> dict[str, float]:
-        item = cfg.compute_dtype.itemsize
-        act = cfg.tokens * cfg.d_model * item
+        act = volumes.activation_bytes(cfg)
         attention = volumes.all_reduce(act, TP)
-        expert_out = cfg.n_groups * cfg.n_experts * cfg.capacity * cfg.d_model * item
-        moe = attention + volumes.all_reduce(act if experts_split else expert_out, TP)
+        moe = attention + volumes.all_reduce(act if experts_split else volumes.slots_bytes(cfg), TP)
         # a micro-batch of activations crosses to the next stage once per stage boundary:
         # spread over the layers, (P - 1) / P of [tokens, D] per stage's L/P layers
         shift = act * (STAGES - 1) / cfg.n_layers
