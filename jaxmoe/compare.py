@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmoe.analysis.collectives import KINDS, Inventory, inventory
+from jaxmoe.analysis.collectives import Inventory, inventory
 from jaxmoe.analysis.memory import memory_per_device
 from jaxmoe.config import ModelConfig
 from jaxmoe.placement import (
@@ -138,4 +138,4 @@ def compare_strategies(
     return reports
 
 
-__all__ = ["KINDS", "LayoutReport", "analyse", "compare_strategies", "compile_forward"]
+__all__ = ["LayoutReport", "analyse", "compare_strategies", "compile_forward"]

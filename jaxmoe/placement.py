@@ -47,9 +47,6 @@ class Placement:
             self.shardings,
         )
 
-    def abstract_params_flat(self) -> list[jax.ShapeDtypeStruct]:
-        return jax.tree.leaves(self.abstract_params())
-
     def put(self, state: nnx.State) -> nnx.State:
         """Copy parameters (e.g. made on one device) into this placement's layout."""
         return jax.device_put(state, self.shardings)
@@ -106,25 +103,35 @@ def loss_and_grad(graphdef: nnx.GraphDef) -> Callable:
     return fn
 
 
-def param_bytes_per_device(compiled: jax.stages.Compiled, abstract: nnx.State) -> int:
-    """Bytes of parameters one device holds, read from the compiled program's input shardings."""
-    shardings = compiled.input_shardings[0][0]
-    leaves = jax.tree.leaves(abstract)
-    per_leaf = jax.tree.leaves(shardings)
-    return sum(
-        math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
-        for a, s in zip(leaves, per_leaf, strict=True)
-    )
+def compiled_param_shardings(
+    compiled: jax.stages.Compiled, abstract: nnx.State
+) -> dict[str, tuple[jax.ShapeDtypeStruct, jax.sharding.Sharding]]:
+    """Each parameter's path (`blocks/moe/attn/wq`), its shape and dtype, and the sharding the
+    compiled program gives it (read from the program's input shardings, not from the rules)."""
+    shardings = jax.tree.leaves(compiled.input_shardings[0][0])
+    with_paths = jax.tree_util.tree_leaves_with_path(abstract)
+    return {
+        _path_name(path): (leaf, sharding)
+        for (path, leaf), sharding in zip(with_paths, shardings, strict=True)
+    }
+
+
+def _path_name(path: tuple) -> str:
+    names = (str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    return "/".join(names).removesuffix("/value")
 
 
 def param_specs(compiled: jax.stages.Compiled, abstract: nnx.State) -> dict[str, PartitionSpec]:
-    """Each parameter's path (`blocks/moe/attn/wq`) and the partition spec the program uses."""
-    shardings = jax.tree.leaves(compiled.input_shardings[0][0])
-    paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(abstract)]
-    names = [
-        "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path) for path in paths
-    ]
-    return {name.removesuffix("/value"): s.spec for name, s in zip(names, shardings, strict=True)}
+    """Each parameter's path and the partition spec the compiled program uses."""
+    return {p: s.spec for p, (_, s) in compiled_param_shardings(compiled, abstract).items()}
+
+
+def param_bytes_per_device(compiled: jax.stages.Compiled, abstract: nnx.State) -> int:
+    """Bytes of parameters one device holds, read from the compiled program's input shardings."""
+    return sum(
+        math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+        for a, s in compiled_param_shardings(compiled, abstract).values()
+    )
 
 
 def param_bytes_total(abstract: nnx.State) -> int:

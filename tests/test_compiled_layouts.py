@@ -12,7 +12,7 @@ from tiny import forward_hlo, tiny
 import meshes
 from jaxmoe.analysis.collectives import inventory
 from jaxmoe.compare import per_layer, textbook_per_layer
-from jaxmoe.placement import param_specs
+from jaxmoe.placement import compiled_param_shardings, param_specs
 
 GOLDEN = Path(__file__).parent / "golden"
 STRATEGIES = list(meshes.REGISTRY.values())
@@ -31,23 +31,13 @@ def layer_counts(cfg, strategy):
 
 def shard_fraction(placement, compiled, predicate) -> float:
     """Bytes one device holds of the parameters whose path matches, over their full size."""
-    specs = param_specs(compiled, placement.abstract)
-    sizes = dict(zip(specs, placement.abstract_params_flat(), strict=True))
-    held = total = 0
-    for path, spec in specs.items():
-        if not predicate(path):
-            continue
-        shape = sizes[path].shape
-        split = [
-            math.prod(placement.strategy.axis_sizes[a] for a in ((p,) if isinstance(p, str) else p))
-            if p
-            else 1
-            for p in (*spec, *([None] * (len(shape) - len(spec))))
-        ]
-        total += math.prod(shape)
-        held += math.prod(d // n for d, n in zip(shape, split, strict=True))
-    assert total, "no parameter matched"
-    return held / total
+    chosen = [
+        (math.prod(s.shard_shape(a.shape)), math.prod(a.shape))
+        for path, (a, s) in compiled_param_shardings(compiled, placement.abstract).items()
+        if predicate(path)
+    ]
+    assert chosen, "no parameter matched"
+    return sum(held for held, _ in chosen) / sum(full for _, full in chosen)
 
 
 def test_ep16_two_all_to_alls_per_moe_layer_and_no_all_gather():
