@@ -89,11 +89,10 @@ def router_metrics(sums: dict) -> dict:
     expert e before capacity, P_e its mean router probability; router_z_loss the mean squared
     log-sum-exp of the router logits; dropped_fraction the share of choices over capacity.
     """
-    tokens = sums["tokens"][..., None]
     n_experts = sums["assigned"].shape[-1]
-    load = sums["assigned"] / jnp.sum(sums["assigned"], axis=-1, keepdims=True)  # [..., E]
-    mean_prob = sums["prob_sum"] / tokens
-    choices = jnp.sum(sums["assigned"], axis=-1)
+    choices = jnp.sum(sums["assigned"], axis=-1)  # [...] top_k per token
+    load = sums["assigned"] / choices[..., None]  # [..., E]
+    mean_prob = sums["prob_sum"] / sums["tokens"][..., None]
     return {
         "load_balance_loss": n_experts * jnp.sum(load * mean_prob, axis=-1),
         "router_z_loss": sums["z_sum"] / sums["tokens"],
