@@ -45,6 +45,7 @@ def compare_table(cfg: ModelConfig, reports: Sequence[LayoutReport]) -> str:
         "collectives/layer",
         "sent/layer/device",
         "vs textbook",
+        "bubble",
         "params/device",
     )
     rows = [
@@ -55,6 +56,7 @@ def compare_table(cfg: ModelConfig, reports: Sequence[LayoutReport]) -> str:
             _collectives_cell(r),
             human_bytes(r.bytes_per_layer),
             f"{r.bytes_vs_textbook:.3f}",
+            f"{r.bubble_fraction:.0%}" if r.bubble_fraction else "-",
             f"{human_bytes(r.param_bytes_per_device)} of {human_bytes(r.param_bytes_total)}",
         )
         for r in reports
@@ -62,10 +64,12 @@ def compare_table(cfg: ModelConfig, reports: Sequence[LayoutReport]) -> str:
     title = (
         f"{cfg.name}: {cfg.n_layers} layers ({cfg.n_moe_layers} MoE, {cfg.n_experts} experts "
         f"top-{cfg.top_k}), D {cfg.d_model}, {cfg.n_heads}x{cfg.head_dim} heads, F {cfg.d_ff}, "
-        f"B {cfg.batch} x S {cfg.seq_len}, {cfg.dtype}; forward pass vs one device"
+        f"B {cfg.batch} x S {cfg.seq_len}, {cfg.dtype}, {cfg.micro_batches} micro-batches "
+        f"in pipelines; forward pass vs one device"
     )
     legend = (
-        "a2a all-to-all, ag all-gather, ar all-reduce, rs reduce-scatter, cp collective-permute"
+        "a2a all-to-all, ag all-gather, ar all-reduce, rs reduce-scatter, cp collective-permute; "
+        "bubble: share of a pipeline's M + P - 1 iterations a stage idles, (P - 1) / (M + P - 1)"
     )
     return f"{title}\n\n{table(headers, rows)}\n\n{legend}"
 

@@ -36,6 +36,7 @@ class LayoutReport:
     inventory: Inventory  # every collective of one forward pass
     per_layer: dict[str, tuple[float, float]]  # kind -> (count, bytes sent per device) per layer
     textbook_bytes_per_layer: float
+    bubble_fraction: float  # share of a pipeline schedule's iterations a stage idles (0: none)
     param_bytes_per_device: int
     param_bytes_total: int
     memory: dict[str, int]
@@ -65,6 +66,7 @@ class LayoutReport:
             "bytes_per_layer": self.bytes_per_layer,
             "textbook_bytes_per_layer": self.textbook_bytes_per_layer,
             "bytes_vs_textbook": self.bytes_vs_textbook,
+            "bubble_fraction": self.bubble_fraction,
             "param_bytes_per_device": self.param_bytes_per_device,
             "param_bytes_total": self.param_bytes_total,
             "memory_per_device": self.memory,
@@ -106,6 +108,7 @@ def analyse(placement: Placement, compiled: jax.stages.Compiled) -> dict:
         "inventory": inv,
         "per_layer": per_layer(inv, cfg.n_layers),
         "textbook_bytes_per_layer": textbook_per_layer(cfg, strategy),
+        "bubble_fraction": strategy.bubble_fraction(cfg),
         "param_bytes_per_device": param_bytes_per_device(compiled, placement.abstract),
         "param_bytes_total": param_bytes_total(placement.abstract),
         "memory": memory_per_device(compiled),

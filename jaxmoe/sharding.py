@@ -37,8 +37,9 @@ class Strategy:
 
     `textbook_bytes(cfg)` gives the bytes one device should send per layer in the forward pass,
     as `{"dense": ..., "moe": ...}`, from the collective formulas of strategies.md. Where rules
-    cannot say it, `run_layers` replaces the scan over the blocks (a pipeline schedule) and
-    `check(cfg)` adds the strategy's own checks, raising ConfigError.
+    cannot say it, `run_layers` replaces the scan over the blocks (a pipeline schedule),
+    `check(cfg)` adds the strategy's own checks, raising ConfigError, and `bubble_fraction(cfg)`
+    is the share of a pipeline schedule's iterations a stage spends idle (0 without one).
     """
 
     name: str
@@ -48,6 +49,7 @@ class Strategy:
     textbook_bytes: Callable[[ModelConfig], dict[str, float]]
     run_layers: LayerRunner = scan_layers
     check: Callable[[ModelConfig], None] = lambda cfg: None
+    bubble_fraction: Callable[[ModelConfig], float] = lambda cfg: 0.0
 
     def __post_init__(self) -> None:
         names = {axis for axis, _ in self.mesh_shape}

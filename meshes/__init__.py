@@ -2,7 +2,7 @@
 
 from jaxmoe.config import ConfigError
 from jaxmoe.sharding import Strategy
-from meshes import ep16, heads_dims, tp16
+from meshes import ep16, heads_dims, tp8_pp2, tp16
 from meshes.axes import MeshAxis
 
 REGISTRY: dict[str, Strategy] = {
@@ -11,6 +11,8 @@ REGISTRY: dict[str, Strategy] = {
         tp16.STRATEGY,
         ep16.STRATEGY,
         heads_dims.STRATEGY,
+        tp8_pp2.STRATEGY,
+        tp8_pp2.EXPERTS_TP,
     )
 }
 

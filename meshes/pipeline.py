@@ -77,19 +77,23 @@ def gpipe(stage_axis: str) -> Callable:
                 stats,
                 step_stats,
             )
-            done = t - (stages - 1)
-            outputs = jnp.where(done >= 0, outputs.at[jnp.maximum(done, 0)].set(out[-1]), outputs)
+            # every stage files its result under the micro-batch the last stage just finished;
+            # only the last stage's row is read, once, after the loop (no traffic per iteration)
+            done = jnp.maximum(t - (stages - 1), 0)
+            outputs = jax.lax.with_sharding_constraint(outputs.at[:, done].set(out), pin)
             with jax.named_scope("pipeline_shift"):
                 state = jax.lax.with_sharding_constraint(jnp.roll(out, 1, axis=0), pin)
             return (state, outputs, stats), None
 
         init = (
             jnp.zeros((stages, *micro.shape[1:]), x.dtype),
-            jnp.zeros_like(micro),
+            jnp.zeros((stages, *micro.shape), x.dtype),  # [P, M, B/M, S, D]
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape),
         )
         (_, outputs, stats), _ = jax.lax.scan(iteration, init, jnp.arange(m + stages - 1))
         stats = jax.tree.map(lambda a: a.reshape(n_blocks, *a.shape[2:]), stats)
-        return outputs.reshape(x.shape), stats
+        # the last stage's results to every stage: one all-reduce over `stage_axis` (x + 0 = x)
+        last = (jnp.arange(stages) == stages - 1).reshape((-1,) + (1,) * micro.ndim)
+        return jnp.sum(jnp.where(last, outputs, 0), axis=0).reshape(x.shape), stats
 
     return run

@@ -10,11 +10,13 @@ by vocabulary over `tensor` and replicated over `pipe`. MoE layers have two plac
 - `tp8_pp2:experts_tp`: every expert on every device of the stage with its hidden width split
   over `tensor` (paper 003); the expert outputs are all-reduced before the combine.
 
-In progress (issue 4): the schedule computes the same logits, loss and gradients as one device
-(tests/test_pipeline.py), but these strategies join the registry only once `textbook_bytes`
-below is held to the compiled program: today it counts the Megatron all-reduces of the whole
-batch and one stage-boundary crossing, not the per-iteration traffic of the schedule (bubble
-iterations, micro-batch injection and output collection).
+Per iteration of the schedule (M + P - 1 of them, bubbles included: an idle stage still runs
+its layers and collectives on an empty micro-batch) each device all-reduces over `tensor` twice
+per layer of its stage, on one micro-batch, and sends that micro-batch to the next stage by one
+collective-permute over `pipe`. After the loop one all-reduce over `pipe` hands the last stage's
+results to all. Nothing spans all 16 devices. The permute carries the micro-batch whole, as every
+device of a stage holds it; sending 1/8 per device and all-gathering over `tensor` on arrival
+(Megatron's scatter/gather) would cut the inter-stage bytes 8 times and is not done here.
 """
 
 from jaxmoe.axes import Axis
@@ -35,19 +37,28 @@ MEGATRON = {
 
 def textbook(experts_split: bool):
     def textbook_bytes(cfg: ModelConfig) -> dict[str, float]:
+        m, iterations = cfg.micro_batches, cfg.micro_batches + STAGES - 1
+        # a device runs its stage's L/P layers once per iteration on 1/M of the batch
+        share = iterations / (m * STAGES)
         act = volumes.activation_bytes(cfg)
         attention = volumes.all_reduce(act, TP)
-        moe = attention + volumes.all_reduce(act if experts_split else volumes.slots_bytes(cfg), TP)
-        # a micro-batch of activations crosses to the next stage once per stage boundary:
-        # spread over the layers, (P - 1) / P of [tokens, D] per stage's L/P layers
-        shift = act * (STAGES - 1) / cfg.n_layers
-        return {"dense": 2 * attention + shift, "moe": moe + shift}
+        experts = volumes.all_reduce(act if experts_split else volumes.slots_bytes(cfg), TP)
+        # one micro-batch to the next stage per iteration, spread over the layers
+        shift = iterations * (act / m) / cfg.n_layers
+        return {
+            "dense": share * 2 * attention + shift,
+            "moe": share * (attention + experts) + shift,
+        }
 
     return textbook_bytes
 
 
 def _check(cfg: ModelConfig) -> None:
     pipeline.check(cfg, STAGES)
+
+
+def _bubble(cfg: ModelConfig) -> float:
+    return pipeline.bubble_fraction(STAGES, cfg.micro_batches)
 
 
 STRATEGY = Strategy(
@@ -58,6 +69,7 @@ STRATEGY = Strategy(
     textbook_bytes=textbook(experts_split=True),
     run_layers=pipeline.gpipe(MeshAxis.PIPE),
     check=_check,
+    bubble_fraction=_bubble,
 )
 
 EXPERTS_TP = Strategy(
@@ -68,4 +80,5 @@ EXPERTS_TP = Strategy(
     textbook_bytes=textbook(experts_split=False),
     run_layers=STRATEGY.run_layers,
     check=_check,
+    bubble_fraction=_bubble,
 )

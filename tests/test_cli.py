@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+import meshes
+
 SMALL = ["--set", "vocab_size=300", "--set", "d_model=64", "--set", "seq_len=16"]
 
 
@@ -22,11 +24,11 @@ def test_compare_prints_table_and_writes_json(tmp_path):
     out = tmp_path / "compare.json"
     proc = run("compare", *SMALL, "--json", str(out))
     assert proc.returncode == 0, proc.stderr
-    for name in ("tp16", "ep16", "heads_dims_4x4"):
-        assert name in proc.stdout
+    for name in meshes.REGISTRY:
+        assert f"\n{name} " in proc.stdout
     doc = json.loads(out.read_text())
     assert doc["config"]["d_model"] == 64
-    assert set(doc["strategies"]) == {"tp16", "ep16", "heads_dims_4x4"}
+    assert set(doc["strategies"]) == set(meshes.REGISTRY) >= {"tp16", "ep16", "tp8_pp2"}
     for entry in doc["strategies"].values():
         assert entry["max_abs_err"] <= 1e-4 * entry["logits_scale"]
         assert 0.9 <= entry["bytes_vs_textbook"] <= 1.1
@@ -35,6 +37,11 @@ def test_compare_prints_table_and_writes_json(tmp_path):
         assert set(entry["collectives"]) >= {"all-to-all", "all-reduce", "all-gather"}
     assert doc["strategies"]["ep16"]["collectives"]["all-to-all"]["count"] == 4
     assert doc["strategies"]["ep16"]["mesh"] == {"expert": 16}
+    assert doc["strategies"]["ep16"]["bubble_fraction"] == 0
+    pipelined = doc["strategies"]["tp8_pp2"]
+    assert pipelined["mesh"] == {"pipe": 2, "tensor": 8}
+    assert pipelined["bubble_fraction"] == 1 / 5  # 4 micro-batches, 2 stages
+    assert pipelined["collectives"]["collective-permute"]["count"] == 5
 
 
 @pytest.mark.parametrize(
@@ -50,6 +57,8 @@ def test_compare_prints_table_and_writes_json(tmp_path):
         (["--strategies", "ep16", "--set", "n_experts=24"], "splits n_experts=24"),
         (["--strategies", "heads_dims_4x4", "--set", "batch=6"], "splits batch=6"),
         (["--strategies", "tp16", "--devices", "8"], "needs 16 devices, 8 given"),
+        (["--strategies", "tp8_pp2", "--set", "micro_batches=3"], "micro_batches=3"),
+        (["--strategies", "tp8_pp2", "--set", "n_layers=3"], "n_layers=3"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(args, needle):
