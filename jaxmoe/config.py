@@ -93,9 +93,15 @@ class ModelConfig:
     @property
     def capacity(self) -> int:
         """Token slots per expert per routing group (GShard: k * tokens * factor / experts)."""
-        return max(
-            1, math.ceil(self.top_k * self.group_size * self.capacity_factor / self.n_experts)
-        )
+        return self.capacity_for(self.group_size)
+
+    def group_for(self, seq: int) -> int:
+        """Routing group size for `seq` tokens per sequence (groups never span sequences): the
+        configured size for whole sequences, one token per group when decoding."""
+        return math.gcd(self.group_size, seq)
+
+    def capacity_for(self, group: int) -> int:
+        return max(1, math.ceil(self.top_k * group * self.capacity_factor / self.n_experts))
 
     @property
     def compute_dtype(self) -> jnp.dtype:

@@ -22,13 +22,25 @@ from jaxmoe.config import ConfigError, ModelConfig
 
 MeshAxes = tuple[str, ...]
 Rules = Mapping[Axis, MeshAxes]
-# (step, x, per_block, mesh, cfg) -> (x, stacked step outputs): step over the stacked blocks.
-LayerRunner = Callable[[Callable, jax.Array, Any, Mesh, ModelConfig], tuple[jax.Array, Any]]
+# (step, x, per_block, cache, mesh, cfg) -> (x, stacked step outputs, cache): run `step` over
+# the stacked blocks. `step(x, block, block_cache) -> (x, outputs, block_cache)`; `cache` (None
+# when not decoding) is stacked like the blocks with the batch on its second axis.
+LayerRunner = Callable[
+    [Callable, jax.Array, Any, Any, Mesh, ModelConfig], tuple[jax.Array, Any, Any]
+]
 
 
-def scan_layers(step: Callable, x: jax.Array, per_block: Any, *_) -> tuple[jax.Array, Any]:
-    """The default layer runner: one `lax.scan` over the stacked blocks."""
-    return jax.lax.scan(step, x, per_block)
+def scan_layers(
+    step: Callable, x: jax.Array, per_block: Any, cache: Any, *_
+) -> tuple[jax.Array, Any, Any]:
+    """The default layer runner: one `lax.scan` over the stacked blocks (and their caches)."""
+
+    def body(x, xs):
+        x, outputs, block_cache = step(x, *xs)
+        return x, (outputs, block_cache)
+
+    x, (outputs, cache) = jax.lax.scan(body, x, (per_block, cache))
+    return x, outputs, cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,14 +128,14 @@ def activation_layout(mesh: Mesh, strategy: Strategy) -> Iterator[None]:
 
 
 def run_layers(
-    step: Callable, x: jax.Array, per_block: Any, cfg: ModelConfig
-) -> tuple[jax.Array, Any]:
+    step: Callable, x: jax.Array, per_block: Any, cache: Any, cfg: ModelConfig
+) -> tuple[jax.Array, Any, Any]:
     """Run `step` over the stacked blocks as the active strategy says (a scan by default)."""
     layout = _LAYOUT.get()
     if layout is None:
-        return scan_layers(step, x, per_block)
+        return scan_layers(step, x, per_block, cache)
     mesh, strategy = layout
-    return strategy.run_layers(step, x, per_block, mesh, cfg)
+    return strategy.run_layers(step, x, per_block, cache, mesh, cfg)
 
 
 def constrain(x: jax.Array, logical: Sequence[Axis | None]) -> jax.Array:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.sharding import scan_layers
 
 
 def bubble_fraction(stages: int, micro_batches: int) -> float:
@@ -45,31 +46,53 @@ def gpipe(stage_axis: str) -> Callable:
     with `cfg.micro_batches` micro-batches."""
 
     def run(
-        step: Callable, x: jax.Array, per_block: Any, mesh: Mesh, cfg: ModelConfig
-    ) -> tuple[jax.Array, Any]:
+        step: Callable, x: jax.Array, per_block: Any, cache: Any, mesh: Mesh, cfg: ModelConfig
+    ) -> tuple[jax.Array, Any, Any]:
         stages = mesh.shape[stage_axis]
         m = cfg.micro_batches
         n_blocks = jax.tree.leaves(per_block)[0].shape[0]
-        by_stage = jax.tree.map(
-            lambda a: a.reshape(stages, n_blocks // stages, *a.shape[1:]), per_block
-        )  # [P, L/P, ...]
+
+        def by_stage(a):  # [L, ...] -> [P, L/P, ...]
+            return a.reshape(stages, n_blocks // stages, *a.shape[1:])
+
+        blocks = jax.tree.map(by_stage, per_block)
+        # a stage's cache by micro-batch: [L, B, ...] -> [P, L/P, M, B/M, ...]
+        cache = jax.tree.map(
+            lambda a: by_stage(a).reshape(*by_stage(a).shape[:2], m, -1, *a.shape[2:]), cache
+        )
         micro = x.reshape(m, x.shape[0] // m, *x.shape[1:])  # [M, B/M, S, D]
         pin = NamedSharding(mesh, PartitionSpec(stage_axis))
 
-        def stage(h, blocks):  # one stage's blocks on one micro-batch
-            return jax.lax.scan(step, h, blocks)
+        def stage(h, stage_blocks, stage_cache, index, busy):
+            """One stage's blocks on micro-batch `index`; its cache rows change only if busy."""
+            rows = jax.tree.map(
+                lambda a: jax.lax.dynamic_index_in_dim(a, index, 1, False), stage_cache
+            )
+            h, outputs, new = scan_layers(step, h, stage_blocks, rows)
+            stage_cache = jax.tree.map(
+                lambda a, old, new: jax.lax.dynamic_update_index_in_dim(
+                    a, jnp.where(busy, new, old), index, 1
+                ),
+                stage_cache,
+                rows,
+                new,
+            )
+            return h, outputs, stage_cache
 
         run_stages = jax.vmap(stage, spmd_axis_name=stage_axis)
-        _, stats_shape = jax.eval_shape(
-            run_stages, jnp.zeros((stages, *micro.shape[1:]), x.dtype), by_stage
-        )
+        stage_ids = jnp.arange(stages)
+        empty = jnp.zeros((stages, *micro.shape[1:]), x.dtype)
+        idle = (stage_ids, stage_ids < 0)
+        _, stats_shape, _ = jax.eval_shape(run_stages, empty, blocks, cache, *idle)
 
         def iteration(carry, t):
-            state, outputs, stats = carry
+            state, outputs, stats, cache = carry
             state = state.at[0].set(micro[jnp.minimum(t, m - 1)])
+            busy = (t - stage_ids >= 0) & (t - stage_ids < m)  # [P]
+            index = jnp.clip(t - stage_ids, 0, m - 1)  # [P] the micro-batch each stage has
             with jax.named_scope("pipeline_stages"):
-                out, step_stats = run_stages(jax.lax.with_sharding_constraint(state, pin), by_stage)
-            busy = (t - jnp.arange(stages) >= 0) & (t - jnp.arange(stages) < m)  # [P]
+                state = jax.lax.with_sharding_constraint(state, pin)
+                out, step_stats, cache = run_stages(state, blocks, cache, index, busy)
             stats = jax.tree.map(
                 lambda acc, new: (
                     acc + jnp.where(busy.reshape((-1,) + (1,) * (new.ndim - 1)), new, 0)
@@ -83,17 +106,19 @@ def gpipe(stage_axis: str) -> Callable:
             outputs = jax.lax.with_sharding_constraint(outputs.at[:, done].set(out), pin)
             with jax.named_scope("pipeline_shift"):
                 state = jax.lax.with_sharding_constraint(jnp.roll(out, 1, axis=0), pin)
-            return (state, outputs, stats), None
+            return (state, outputs, stats, cache), None
 
         init = (
-            jnp.zeros((stages, *micro.shape[1:]), x.dtype),
+            empty,
             jnp.zeros((stages, *micro.shape), x.dtype),  # [P, M, B/M, S, D]
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape),
+            cache,
         )
-        (_, outputs, stats), _ = jax.lax.scan(iteration, init, jnp.arange(m + stages - 1))
+        (_, outputs, stats, cache), _ = jax.lax.scan(iteration, init, jnp.arange(m + stages - 1))
         stats = jax.tree.map(lambda a: a.reshape(n_blocks, *a.shape[2:]), stats)
+        cache = jax.tree.map(lambda a: a.reshape(n_blocks, -1, *a.shape[4:]), cache)
         # the last stage's results to every stage: one all-reduce over `stage_axis` (x + 0 = x)
-        last = (jnp.arange(stages) == stages - 1).reshape((-1,) + (1,) * micro.ndim)
-        return jnp.sum(jnp.where(last, outputs, 0), axis=0).reshape(x.shape), stats
+        last = (stage_ids == stages - 1).reshape((-1,) + (1,) * micro.ndim)
+        return jnp.sum(jnp.where(last, outputs, 0), axis=0).reshape(x.shape), stats, cache
 
     return run

@@ -1,6 +1,7 @@
-"""The transformer (dense or MoE per layer) and its loss."""
+"""The transformer (dense or MoE per layer), its loss and its KV cache."""
 
+from jaxmoe.model.attention import KV
 from jaxmoe.model.moe import router_metrics
-from jaxmoe.model.transformer import Transformer, loss_fn
+from jaxmoe.model.transformer import CACHE, Transformer, init_cache, loss_fn
 
-__all__ = ["Transformer", "loss_fn", "router_metrics"]
+__all__ = ["CACHE", "KV", "Transformer", "init_cache", "loss_fn", "router_metrics"]

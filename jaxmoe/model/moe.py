@@ -4,6 +4,8 @@ Tokens are routed in groups of `group_size` tokens (G groups; one group per sequ
 GShard-style: every token's first choice is placed before any second choice, in sequence order,
 and an expert takes at most C = ceil(k * group_size * capacity_factor / E) tokens per group. A
 token that finds its expert full is dropped for that choice (counted) and keeps its residual.
+A decode step routes each new token in a group of its own (C = 1; no choice is ever dropped),
+so its dispatched tensor [E, B, 1, D] is E / k times the tokens' bytes.
 
 Dispatch and combine are one-hot einsums. The dispatched tensor [E, G, C, D] is laid out by
 experts and the returning one [G, E, C, D] by groups, so a strategy that maps experts and groups
@@ -136,12 +138,15 @@ class Moe(nnx.Module):
         """x: [B, S, D] -> ([B, S, D], routing statistics)."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         b, s, d = x.shape
-        xg = constrain(x.reshape(b * s // cfg.group_size, cfg.group_size, d), TOKENS)
+        group = cfg.group_for(s)
+        xg = constrain(x.reshape(b * s // group, group, d), TOKENS)
         with jax.named_scope("router"):
             logits = jnp.einsum(
                 "GSD,DE->GSE", xg.astype(jnp.float32), self.router[...].astype(jnp.float32)
             )
-            dispatch, combine, stats = route(constrain(logits, ROUTED), cfg.top_k, cfg.capacity)
+            dispatch, combine, stats = route(
+                constrain(logits, ROUTED), cfg.top_k, cfg.capacity_for(group)
+            )
         with jax.named_scope("dispatch"):
             xe = constrain(jnp.einsum("GSEC,GSD->EGCD", dispatch.astype(dt), xg), AT_EXPERTS)
         with jax.named_scope("experts"):

@@ -4,6 +4,10 @@ Blocks are stacked on a leading `layers` axis (created with `nnx.vmap`) and run 
 or by the strategy's own layer runner (a pipeline schedule).
 One block holds `moe_every - 1` dense layers followed by one MoE layer (a dense model: one dense
 layer), so a model whose layers are all MoE, all dense or interleaved scans one uniform block.
+
+Inference: `extend(tokens, cache, pos)` runs new tokens at positions pos.. against a KV cache
+(`init_cache`) and returns the last position's logits: prefill is `extend(prompt, cache, 0)`,
+a decode step `extend(next_token[:, None], cache, pos)`.
 """
 
 import jax
@@ -12,7 +16,7 @@ from flax import nnx
 
 from jaxmoe.axes import Axis
 from jaxmoe.config import ModelConfig
-from jaxmoe.model.attention import RESIDUAL, Attention
+from jaxmoe.model.attention import CORE, KV, RESIDUAL, Attention
 from jaxmoe.model.mlp import Mlp
 from jaxmoe.model.moe import Moe, router_metrics
 from jaxmoe.model.params import RMSNorm, weight
@@ -24,9 +28,10 @@ class DenseLayer(nnx.Module):
         self.norm_attn, self.attn = RMSNorm(cfg), Attention(cfg, rngs)
         self.norm_mlp, self.mlp = RMSNorm(cfg), Mlp(cfg, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.attn(self.norm_attn(x))
-        return constrain(x + self.mlp(self.norm_mlp(x)), RESIDUAL)
+    def __call__(self, x: jax.Array, kv: KV | None, pos) -> tuple[jax.Array, dict, KV | None]:
+        y, kv = self.attn(self.norm_attn(x), kv, pos)
+        x = x + y
+        return constrain(x + self.mlp(self.norm_mlp(x)), RESIDUAL), {}, kv
 
 
 class MoeLayer(nnx.Module):
@@ -34,10 +39,13 @@ class MoeLayer(nnx.Module):
         self.norm_attn, self.attn = RMSNorm(cfg), Attention(cfg, rngs)
         self.norm_moe, self.moe = RMSNorm(cfg), Moe(cfg, rngs)
 
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None) -> tuple[jax.Array, dict]:
-        x = x + self.attn(self.norm_attn(x))
+    def __call__(
+        self, x: jax.Array, kv: KV | None, pos, dropout_key: jax.Array | None
+    ) -> tuple[jax.Array, dict, KV | None]:
+        y, kv = self.attn(self.norm_attn(x), kv, pos)
+        x = x + y
         y, stats = self.moe(self.norm_moe(x), dropout_key)
-        return constrain(x + y, RESIDUAL), stats
+        return constrain(x + y, RESIDUAL), stats, kv
 
 
 class Block(nnx.Module):
@@ -48,12 +56,33 @@ class Block(nnx.Module):
         self.dense = nnx.List([DenseLayer(cfg, rngs) for _ in range(n_dense)])
         self.moe = MoeLayer(cfg, rngs) if cfg.is_moe else None
 
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None) -> tuple[jax.Array, dict]:
-        for layer in self.dense:
-            x = layer(x)
-        if self.moe is None:
-            return x, {}
-        return self.moe(x, dropout_key)
+    def __call__(
+        self, x: jax.Array, dropout_key: jax.Array | None, cache: tuple[KV, ...] | None, pos
+    ) -> tuple[jax.Array, dict, tuple[KV, ...] | None]:
+        """`cache`: one KV per layer of the block, in order (None: no cache)."""
+        n_layers = len(self.dense) + (self.moe is not None)
+        kvs = (None,) * n_layers if cache is None else cache
+        new, stats = [], {}
+        for layer, kv in zip(self.dense, kvs, strict=False):
+            x, _, kv = layer(x, kv, pos)
+            new.append(kv)
+        if self.moe is not None:
+            x, stats, kv = self.moe(x, kvs[-1], pos, dropout_key)
+            new.append(kv)
+        return x, stats, None if cache is None else tuple(new)
+
+
+def init_cache(cfg: ModelConfig, batch: int) -> tuple[KV, ...]:
+    """An empty KV cache for `batch` sequences of up to `seq_len` tokens: per layer of a block,
+    keys and values stacked over the blocks, [N, B, T, H, K] in the compute dtype."""
+    shape = (cfg.n_blocks, batch, cfg.seq_len, cfg.n_heads, cfg.head_dim)
+    return tuple(
+        KV(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+        for _ in range(cfg.layers_per_block)
+    )
+
+
+CACHE = (Axis.LAYERS, *CORE)  # the logical axes of every cache array
 
 
 class Transformer(nnx.Module):
@@ -79,21 +108,35 @@ class Transformer(nnx.Module):
         self, tokens: jax.Array, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, dict]:
         """tokens: [B, S] int -> (logits [B, S, V] float32, routing sums per MoE layer)."""
-        cfg, dt = self.cfg, self.cfg.compute_dtype
-        s = tokens.shape[1]
-        with jax.named_scope("embed"):
-            x = jnp.take(self.embed[...], tokens, axis=0) + self.pos_embed[:s]
-            x = constrain(x.astype(dt), RESIDUAL)  # [B, S, D]
+        x, stats, _ = self._layers(self._embed(tokens, 0), dropout_key, None, 0)
+        return self._logits(x), stats
 
+    def extend(
+        self, tokens: jax.Array, cache: tuple[KV, ...], pos: jax.Array | int
+    ) -> tuple[jax.Array, tuple[KV, ...]]:
+        """tokens [B, S] at positions pos.. -> (logits of the last one [B, V], updated cache)."""
+        x, _, cache = self._layers(self._embed(tokens, pos), None, cache, pos)
+        return self._logits(x[:, -1:])[:, 0], cache
+
+    def _embed(self, tokens: jax.Array, pos: jax.Array | int) -> jax.Array:
+        with jax.named_scope("embed"):
+            positions = jax.lax.dynamic_slice_in_dim(self.pos_embed[...], pos, tokens.shape[1])
+            x = jnp.take(self.embed[...], tokens, axis=0) + positions
+            return constrain(x.astype(self.cfg.compute_dtype), RESIDUAL)  # [B, S, D]
+
+    def _layers(self, x, dropout_key, cache, pos):
+        cfg = self.cfg
         graphdef, block_state = nnx.split(self.blocks)
         keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_blocks)
 
-        def step(x, per_block):
+        def step(x, per_block, block_cache):
             state, key = per_block
-            return nnx.merge(graphdef, state)(x, key)
+            return nnx.merge(graphdef, state)(x, key, block_cache, pos)
 
-        x, stats = run_layers(step, x, (block_state, keys), cfg)  # stats: [L_moe, ...] each
+        return run_layers(step, x, (block_state, keys), cache, cfg)  # stats: [L_moe, ...] each
 
+    def _logits(self, x: jax.Array) -> jax.Array:
+        cfg, dt = self.cfg, self.cfg.compute_dtype
         with jax.named_scope("lm_head"):
             x = self.final_norm(x)
             logits = jnp.einsum(
@@ -101,8 +144,7 @@ class Transformer(nnx.Module):
             )
             vocab_ids = jnp.arange(cfg.padded_vocab)
             logits = jnp.where(vocab_ids < cfg.vocab_size, logits, -1e9)  # padding never wins
-            logits = constrain(logits, (Axis.BATCH, Axis.SEQ, Axis.VOCAB))
-        return logits, stats
+            return constrain(logits, (Axis.BATCH, Axis.SEQ, Axis.VOCAB))
 
 
 def loss_fn(

@@ -1,0 +1,119 @@
+"""Greedy generation with a KV cache: prefill, then one decode step per new token.
+
+`decoder(cfg, graphdef, placement)` jits both phases once, for one device (`placement=None`) or
+laid out by a strategy: the cache is split as the strategy splits attention (its `layers` axis
+as well, so a pipeline keeps each stage's layers' cache on that stage) and donated, so a step
+updates it in place. The decode position is an argument, not a constant, so every step reuses
+one compiled program.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from jaxmoe.axes import Axis
+from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.model import CACHE, init_cache
+from jaxmoe.placement import Placement
+
+LAST_LOGITS = (Axis.BATCH, Axis.VOCAB)  # [B, V]
+
+
+def prefill_fn(graphdef: nnx.GraphDef) -> Callable:
+    """(params, prompt [B, S], cache) -> (last logits [B, V], cache with positions 0..S-1)."""
+
+    def fn(state, prompt, cache):
+        return nnx.merge(graphdef, state).extend(prompt, cache, 0)
+
+    return fn
+
+
+def decode_fn(graphdef: nnx.GraphDef) -> Callable:
+    """(params, tokens [B, 1], cache, pos) -> (logits [B, V], cache with position pos)."""
+
+    def fn(state, tokens, cache, pos):
+        return nnx.merge(graphdef, state).extend(tokens, cache, pos)
+
+    return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """The two jitted phases of greedy generation and the empty cache they fill."""
+
+    cfg: ModelConfig
+    prefill: Callable  # (params, prompt [B, S], cache) -> (logits [B, V], cache)
+    step: Callable  # (params, tokens [B, 1], cache, pos) -> (logits [B, V], cache)
+    new_cache: Callable[[], tuple]
+    token_sharding: jax.sharding.Sharding | None = None
+
+    def put_tokens(self, tokens) -> jax.Array:
+        tokens = jnp.asarray(tokens, jnp.int32)
+        return (
+            tokens if self.token_sharding is None else jax.device_put(tokens, self.token_sharding)
+        )
+
+
+def decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, placement: Placement | None = None):
+    prefill, step = prefill_fn(graphdef), decode_fn(graphdef)
+    if placement is None:
+        return Decoder(
+            cfg,
+            jax.jit(prefill, donate_argnums=2),
+            jax.jit(step, donate_argnums=2),
+            lambda: init_cache(cfg, cfg.batch),
+        )
+    mesh, strategy = placement.mesh, placement.strategy
+    cache = cache_sharding(placement)
+    tokens, logits = placement.token_sharding, NamedSharding(mesh, strategy.spec(LAST_LOGITS))
+    params = placement.shardings
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return Decoder(
+        cfg,
+        placement.jit(
+            prefill,
+            in_shardings=(params, tokens, cache),
+            out_shardings=(logits, cache),
+            donate_argnums=2,
+        ),
+        placement.jit(
+            step,
+            in_shardings=(params, tokens, cache, replicated),
+            out_shardings=(logits, cache),
+            donate_argnums=2,
+        ),
+        jax.jit(lambda: init_cache(cfg, cfg.batch), out_shardings=cache),
+        tokens,
+    )
+
+
+def cache_sharding(placement: Placement) -> NamedSharding:
+    """The sharding of every cache array [N, B, T, H, K] under the placement's strategy."""
+    return NamedSharding(placement.mesh, placement.strategy.spec(CACHE))
+
+
+def generate(dec: Decoder, params, prompt, steps: int) -> np.ndarray:
+    """Greedy continuation of `prompt` [B, S]: the next `steps` tokens [B, steps]."""
+    cfg = dec.cfg
+    batch, length = np.shape(prompt)
+    if batch != cfg.batch:
+        raise ConfigError(f"prompt batch {batch} != batch={cfg.batch}; set batch={batch}")
+    if length + steps > cfg.seq_len:
+        raise ConfigError(
+            f"a {length}-token prompt and {steps} new tokens exceed seq_len={cfg.seq_len}; "
+            f"set seq_len to at least {length + steps} or generate fewer tokens"
+        )
+    logits, cache = dec.prefill(params, dec.put_tokens(prompt), dec.new_cache())
+    out = []
+    for i in range(steps):
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None]  # [B, 1]
+        out.append(token)
+        if i + 1 < steps:
+            pos = jnp.asarray(length + i, jnp.int32)
+            logits, cache = dec.step(params, dec.put_tokens(token), cache, pos)
+    return np.asarray(jnp.concatenate(out, axis=1))
