@@ -92,11 +92,11 @@ def forward(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array], jax.Arra
 
 
 def loss_and_grad(graphdef: nnx.GraphDef) -> Callable:
-    """(params, inputs, targets) -> (loss, grads)."""
+    """(params, inputs, targets, dropout key or None) -> (loss, grads)."""
 
-    def fn(state: nnx.State, inputs: jax.Array, targets: jax.Array):
+    def fn(state: nnx.State, inputs: jax.Array, targets: jax.Array, key: jax.Array | None = None):
         def loss_of(s):
-            return loss_fn(nnx.merge(graphdef, s), inputs, targets)[0]
+            return loss_fn(nnx.merge(graphdef, s), inputs, targets, key)[0]
 
         return jax.value_and_grad(loss_of)(state)
 

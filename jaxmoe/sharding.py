@@ -23,20 +23,21 @@ from jaxmoe.config import ConfigError, ModelConfig
 MeshAxes = tuple[str, ...]
 Rules = Mapping[Axis, MeshAxes]
 # (step, x, per_block, cache, mesh, cfg) -> (x, stacked step outputs, cache): run `step` over
-# the stacked blocks. `step(x, block, block_cache) -> (x, outputs, block_cache)`; `cache` (None
-# when not decoding) is stacked like the blocks with the batch on its second axis.
+# the stacked blocks. `step(x, block, block_cache, first_row) -> (x, outputs, block_cache)`, x
+# being rows first_row.. of the batch; `cache` (None when not decoding) is stacked like the
+# blocks with the batch on its second axis.
 LayerRunner = Callable[
     [Callable, jax.Array, Any, Any, Mesh, ModelConfig], tuple[jax.Array, Any, Any]
 ]
 
 
 def scan_layers(
-    step: Callable, x: jax.Array, per_block: Any, cache: Any, *_
+    step: Callable, x: jax.Array, per_block: Any, cache: Any, *_, first_row=0
 ) -> tuple[jax.Array, Any, Any]:
     """The default layer runner: one `lax.scan` over the stacked blocks (and their caches)."""
 
     def body(x, xs):
-        x, outputs, block_cache = step(x, *xs)
+        x, outputs, block_cache = step(x, *xs, first_row)
         return x, (outputs, block_cache)
 
     x, (outputs, cache) = jax.lax.scan(body, x, (per_block, cache))

@@ -8,8 +8,8 @@ which XLA lowers to a collective-permute over `pipe`. M micro-batches take M + P
 the bubble is (P - 1) / (M + P - 1).
 
 Step outputs (the MoE routing sums) are summed over the micro-batches each stage really worked
-on, so they equal the unpipelined ones. Dropout draws per (block, micro-batch) differ from an
-unpipelined run's.
+on, so they equal the unpipelined ones; each step is told which rows of the batch it has, so
+expert dropout draws the same masks as an unpipelined run.
 """
 
 from collections.abc import Callable
@@ -68,7 +68,8 @@ def gpipe(stage_axis: str) -> Callable:
             rows = jax.tree.map(
                 lambda a: jax.lax.dynamic_index_in_dim(a, index, 1, False), stage_cache
             )
-            h, outputs, new = scan_layers(step, h, stage_blocks, rows)
+            first_row = index * micro.shape[1]
+            h, outputs, new = scan_layers(step, h, stage_blocks, rows, first_row=first_row)
             stage_cache = jax.tree.map(
                 lambda a, old, new: jax.lax.dynamic_update_index_in_dim(
                     a, jnp.where(busy, new, old), index, 1

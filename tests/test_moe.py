@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny import tiny
+from tiny import loss_grads, tiny
 
 import meshes
 from jaxmoe.compare import compare_strategies
@@ -86,3 +86,17 @@ def test_gated_experts_match_one_device():
     cfg = tiny(True, expert_form="swiglu")
     for r in compare_strategies(cfg, list(meshes.REGISTRY.values()), jax.devices()):
         assert r.max_abs_err <= 1e-4 * r.logits_scale, r.strategy
+
+
+@pytest.mark.parametrize("strategy", list(meshes.REGISTRY.values()), ids=list(meshes.REGISTRY))
+def test_expert_dropout_draws_the_same_masks_under_every_layout(strategy):
+    cfg = tiny(True, n_layers=4, expert_dropout=0.3, micro_batches=4)
+    ref_loss, ref_grads = loss_grads(cfg, None, dropout=True)
+    _, plain_grads = loss_grads(cfg, None)
+    pairs = zip(ref_grads, plain_grads, strict=True)
+    assert any(not np.allclose(a, b, rtol=1e-2) for a, b in pairs)  # dropout bites
+    loss, grads = loss_grads(cfg, strategy, dropout=True)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    scale = max(float(np.max(np.abs(g))) for g in ref_grads)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, ref, atol=1e-4 * scale, rtol=1e-3)

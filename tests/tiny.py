@@ -40,17 +40,20 @@ def forward_hlo(cfg: ModelConfig, strategy: Strategy) -> tuple[Placement, jax.st
     return placement, compile_forward(placement)
 
 
-def loss_grads(cfg: ModelConfig, strategy: Strategy | None, seed: int = 0):
-    """(loss, grads) as numpy, on one device (strategy None) or laid out by `strategy`."""
+def loss_grads(cfg: ModelConfig, strategy: Strategy | None, seed: int = 0, dropout: bool = False):
+    """(loss, grads) as numpy, on one device (strategy None) or laid out by `strategy`; with
+    `dropout`, expert dropout on (a fixed key)."""
     graphdef, state = init_params(cfg, seed)
     tokens = np.asarray(random_tokens(cfg, seed + 1))
     inputs, targets = tokens, np.roll(tokens, -1, axis=1)
+    key = jax.random.key(seed + 2) if dropout else None
     fn = loss_and_grad(graphdef)
     if strategy is None:
-        loss, grads = jax.jit(fn)(state, inputs, targets)
+        loss, grads = jax.jit(fn)(state, inputs, targets, key)
     else:
         p = placed(cfg, strategy)
         shard = p.token_sharding
-        jitted = p.jit(fn, in_shardings=(p.shardings, shard, shard))
-        loss, grads = jitted(p.put(state), *(jax.device_put(t, shard) for t in (inputs, targets)))
+        jitted = p.jit(fn, in_shardings=(p.shardings, shard, shard, None))
+        tokens = (jax.device_put(t, shard) for t in (inputs, targets))
+        loss, grads = jitted(p.put(state), *tokens, key)
     return float(loss), jax.tree.map(np.asarray, jax.tree.leaves(grads))

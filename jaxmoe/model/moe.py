@@ -117,8 +117,13 @@ class Moe(nnx.Module):
         )
         self.cfg = cfg
 
-    def experts(self, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
-        """x: [E, G, C, D] -> [E, G, C, D], each expert applied to its slots."""
+    def experts(self, x: jax.Array, dropout_key: jax.Array | None, first_group) -> jax.Array:
+        """x: [E, G, C, D] -> [E, G, C, D], each expert applied to its slots.
+
+        Expert dropout draws each routing group's mask from the layer's key and the group's index
+        in the whole batch (`first_group` onwards), so a layout that runs the batch in pieces (a
+        pipeline's micro-batches) or splits it over devices drops exactly the same units.
+        """
         cfg, dt = self.cfg, self.cfg.compute_dtype
         h = jnp.einsum("EGCD,EDF->EGCF", x, self.w_in[...].astype(dt))
         if cfg.expert_form == "swiglu":
@@ -128,14 +133,19 @@ class Moe(nnx.Module):
             h = jax.nn.gelu(h)
         h = constrain(h, HIDDEN)
         if dropout_key is not None and cfg.expert_dropout > 0:
-            keep = jax.random.bernoulli(dropout_key, 1.0 - cfg.expert_dropout, h.shape)
+            e, g, c, f = h.shape
+            keys = jax.vmap(jax.random.fold_in, (None, 0))(dropout_key, first_group + jnp.arange(g))
+            keep = jax.vmap(
+                lambda key: jax.random.bernoulli(key, 1.0 - cfg.expert_dropout, (e, c, f)),
+                out_axes=1,
+            )(keys)  # [E, G, C, F]
             h = jnp.where(keep, h / (1.0 - cfg.expert_dropout), 0).astype(dt)
         return jnp.einsum("EGCF,EFD->EGCD", h, self.w_out[...].astype(dt))
 
     def __call__(
-        self, x: jax.Array, dropout_key: jax.Array | None = None
+        self, x: jax.Array, dropout_key: jax.Array | None = None, first_row=0
     ) -> tuple[jax.Array, dict]:
-        """x: [B, S, D] -> ([B, S, D], routing statistics)."""
+        """x: [B, S, D], rows first_row.. of the batch -> ([B, S, D], routing statistics)."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         b, s, d = x.shape
         group = cfg.group_for(s)
@@ -150,7 +160,7 @@ class Moe(nnx.Module):
         with jax.named_scope("dispatch"):
             xe = constrain(jnp.einsum("GSEC,GSD->EGCD", dispatch.astype(dt), xg), AT_EXPERTS)
         with jax.named_scope("experts"):
-            ye = self.experts(xe, dropout_key)
+            ye = self.experts(xe, dropout_key, first_row * (s // group))
         with jax.named_scope("combine"):
             ye = constrain(jnp.transpose(ye, (1, 0, 2, 3)), AT_GROUPS)
             combine = constrain(combine.astype(dt), COMBINE)

@@ -40,11 +40,11 @@ class MoeLayer(nnx.Module):
         self.norm_moe, self.moe = RMSNorm(cfg), Moe(cfg, rngs)
 
     def __call__(
-        self, x: jax.Array, kv: KV | None, pos, dropout_key: jax.Array | None
+        self, x: jax.Array, kv: KV | None, pos, dropout_key: jax.Array | None, first_row
     ) -> tuple[jax.Array, dict, KV | None]:
         y, kv = self.attn(self.norm_attn(x), kv, pos)
         x = x + y
-        y, stats = self.moe(self.norm_moe(x), dropout_key)
+        y, stats = self.moe(self.norm_moe(x), dropout_key, first_row)
         return constrain(x + y, RESIDUAL), stats, kv
 
 
@@ -57,9 +57,15 @@ class Block(nnx.Module):
         self.moe = MoeLayer(cfg, rngs) if cfg.is_moe else None
 
     def __call__(
-        self, x: jax.Array, dropout_key: jax.Array | None, cache: tuple[KV, ...] | None, pos
+        self,
+        x: jax.Array,
+        dropout_key: jax.Array | None,
+        cache: tuple[KV, ...] | None,
+        pos,
+        first_row,
     ) -> tuple[jax.Array, dict, tuple[KV, ...] | None]:
-        """`cache`: one KV per layer of the block, in order (None: no cache)."""
+        """`cache`: one KV per layer of the block, in order (None: no cache); x holds rows
+        first_row.. of the batch."""
         n_layers = len(self.dense) + (self.moe is not None)
         kvs = (None,) * n_layers if cache is None else cache
         new, stats = [], {}
@@ -67,7 +73,7 @@ class Block(nnx.Module):
             x, _, kv = layer(x, kv, pos)
             new.append(kv)
         if self.moe is not None:
-            x, stats, kv = self.moe(x, kvs[-1], pos, dropout_key)
+            x, stats, kv = self.moe(x, kvs[-1], pos, dropout_key, first_row)
             new.append(kv)
         return x, stats, None if cache is None else tuple(new)
 
@@ -129,9 +135,9 @@ class Transformer(nnx.Module):
         graphdef, block_state = nnx.split(self.blocks)
         keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_blocks)
 
-        def step(x, per_block, block_cache):
+        def step(x, per_block, block_cache, first_row):
             state, key = per_block
-            return nnx.merge(graphdef, state)(x, key, block_cache, pos)
+            return nnx.merge(graphdef, state)(x, key, block_cache, pos, first_row)
 
         return run_layers(step, x, (block_state, keys), cache, cfg)  # stats: [L_moe, ...] each
 
