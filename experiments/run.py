@@ -1,7 +1,10 @@
-"""`python -m experiments.run [compare] [options]`: the main job.
+"""`python -m experiments.run [COMMAND] [options]`: the project's commands.
 
-Lays one model over every registered strategy on 16 virtual CPU devices (the program sets the
-device count itself), checks each against the one-device forward pass and prints one table.
+  compare (the default)  lay one model over every registered strategy on 16 virtual CPU devices,
+                         check each against the one-device forward pass, print one table
+  train                  train on C4 with the papers' recipe under one strategy; resumable
+
+The program sets the CPU device count itself (16, or 16 / --num-processes per process).
 """
 
 import argparse
@@ -9,24 +12,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
-
 import meshes
-from experiments import report
-from jaxmoe.compare import compare_strategies
-from jaxmoe.config import DEFAULT_PRESET, ConfigError, preset, with_overrides
+from experiments import compare_cmd, train_cmd
+from jaxmoe.config import DEFAULT_PRESET, ConfigError
+from jaxmoe.train.loop import TrainingDiverged
+
+COMMANDS = ("compare", "train")
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    strategies = "\n".join(f"  {s.name:<16} {s.description}" for s in meshes.REGISTRY.values())
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.run",
-        description=__doc__,
-        epilog=f"strategies:\n{strategies}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("command", nargs="?", default="compare", choices=["compare"])
-    parser.add_argument("--strategies", default=",".join(meshes.REGISTRY), help="comma-separated")
+def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=DEFAULT_PRESET, help="a named configuration")
     parser.add_argument(
         "--set",
@@ -35,39 +29,58 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a config field (repeatable)",
     )
-    parser.add_argument("--json", type=Path, help="also write the results here as JSON")
-    parser.add_argument("--devices", type=int, default=16, help="virtual CPU devices to use")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--devices", type=int, default=16, help="virtual CPU devices in all")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    strategies = "\n".join(f"  {s.name:<20} {s.description}" for s in meshes.REGISTRY.values())
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.run",
+        description=__doc__,
+        epilog=f"strategies:\n{strategies}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command")
+    compare = commands.add_parser("compare", help="the layout table (default)")
+    _common(compare)
+    compare.add_argument("--strategies", default=",".join(meshes.REGISTRY), help="comma-separated")
+    compare.add_argument("--json", type=Path, help="also write the results here as JSON")
+    compare.add_argument("--seed", type=int, default=0)
+
+    train = commands.add_parser("train", help="train on C4 (resumes from --workdir)")
+    _common(train)
+    train.add_argument("--strategy", default="ep16", help="one registered strategy")
+    train.add_argument("--steps", type=int, default=300)
+    train.add_argument("--workdir", type=Path, default=Path("runs/train"))
+    train.add_argument("--data", type=Path, help="C4 json(.gz) file or directory of shards")
+    train.add_argument("--valid", type=Path, help="held-out file or directory")
+    train.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json")
+    train.add_argument("--eval-every", type=int, default=50)
+    train.add_argument("--save-every", type=int, default=100)
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process: process 0")
+    train.add_argument("--num-processes", type=int, default=1)
+    train.add_argument("--process-id", type=int, default=0)
+
+    argv = list(argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv.insert(0, "compare")
     return parser.parse_args(argv)
-
-
-def compare(args: argparse.Namespace) -> None:
-    cfg = with_overrides(preset(args.config), args.set)
-    strategies = [meshes.get(name.strip()) for name in args.strategies.split(",") if name.strip()]
-    if not strategies:
-        raise ConfigError(
-            "--strategies is empty; name at least one of " + ", ".join(meshes.REGISTRY)
-        )
-    if args.devices < 1:
-        raise ConfigError(f"--devices {args.devices}: must be at least 1")
-    # Before JAX starts its backend: nothing above has touched a device.
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", args.devices)
-
-    reports = compare_strategies(cfg, strategies, jax.devices(), seed=args.seed)
-    print(report.compare_table(cfg, reports))
-    if args.json:
-        report.write_compare_json(args.json, cfg, reports)
-        print(f"\nwrote {args.json}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        compare(args)
+        if args.command == "train":
+            train_cmd.run(args)
+        else:
+            compare_cmd.run(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -169,6 +169,18 @@ def validate(cfg: ModelConfig) -> None:
 PRESETS: dict[str, ModelConfig] = {
     "tiny_moe": ModelConfig(name="tiny_moe"),
     "tiny_dense": ModelConfig(name="tiny_dense", moe_every=0),
+    # the training benchmark's model (issue 5): 4 MoE layers, gated experts, GPT-2 vocabulary
+    "bench_moe": ModelConfig(
+        name="bench_moe",
+        d_model=256,
+        n_heads=8,
+        head_dim=32,
+        d_ff=1024,
+        n_layers=4,
+        capacity_factor=1.0,
+        expert_form="swiglu",
+        seq_len=256,
+    ),
 }
 DEFAULT_PRESET = "tiny_moe"
 
@@ -179,8 +191,9 @@ def preset(name: str) -> ModelConfig:
     return PRESETS[name]
 
 
-def _parse_value(field: dataclasses.Field, text: str):
-    kind = type(getattr(ModelConfig(), field.name))
+def _parse_value(obj, name: str, text: str):
+    default = getattr(type(obj)(), name)
+    kind = type(default)
     try:
         if kind is bool:
             if text.lower() not in ("true", "false", "1", "0"):
@@ -189,23 +202,24 @@ def _parse_value(field: dataclasses.Field, text: str):
         return kind(text)
     except ValueError:
         raise ConfigError(
-            f"--set {field.name}={text}: expected {kind.__name__}; "
-            f"e.g. --set {field.name}={getattr(ModelConfig(), field.name)}"
+            f"--set {name}={text}: expected {kind.__name__}; e.g. --set {name}={default}"
         ) from None
 
 
-def with_overrides(cfg: ModelConfig, assignments: Iterable[str]) -> ModelConfig:
-    """Apply `key=value` strings (the CLI's --set) to a config, checking names and types."""
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    changes = {}
+def with_overrides(*configs, assignments: Iterable[str]):
+    """Apply `key=value` strings (the CLI's --set) to the dataclass instances `configs` (each key
+    goes to the first one with that field), checking names and types; returns them updated."""
+    fields = [{f.name for f in dataclasses.fields(c)} for c in configs]
+    changes: list[dict] = [{} for _ in configs]
     for item in assignments:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set n_layers=4")
-        if key not in fields:
-            raise ConfigError(
-                f"--set {key}: unknown field; choose one of {', '.join(sorted(fields))}"
-            )
-        changes[key] = _parse_value(fields[key], text.strip())
-    return cfg.replace(**changes)
+        owner = next((i for i, names in enumerate(fields) if key in names), None)
+        if owner is None:
+            known = sorted(set().union(*fields))
+            raise ConfigError(f"--set {key}: unknown field; choose one of {', '.join(known)}")
+        changes[owner][key] = _parse_value(configs[owner], key, text.strip())
+    updated = tuple(dataclasses.replace(c, **ch) for c, ch in zip(configs, changes, strict=True))
+    return updated[0] if len(updated) == 1 else updated

@@ -162,8 +162,9 @@ def loss_fn(
     """Next-token cross-entropy plus the weighted router losses; returns (loss, metrics)."""
     cfg = model.cfg
     logits, stats = model(inputs, dropout_key)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    # log-sum-exp minus the target's logit: no [B, S, V] log-probabilities are materialised
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
     metrics = {"ce_loss": jnp.mean(nll)}
     loss = metrics["ce_loss"]
     if cfg.is_moe:  # each router metric averaged over the MoE layers

@@ -1,0 +1,73 @@
+"""`train`: the papers' recipe on C4 under one strategy, on this machine's CPU devices or as one
+of several processes (`--coordinator`, `--num-processes`, `--process-id`; or the cluster's
+environment where JAX detects it).
+
+On a `tiny*` configuration the schedule scales to `--steps` (warmup 10%, cosine to the end)
+unless warmup_steps / decay_steps are set; expert dropout is the recipe's 0.1 unless set.
+"""
+
+import argparse
+import os
+
+import jax
+
+import meshes
+from jaxmoe.config import ConfigError, preset, with_overrides
+from jaxmoe.train.loop import RunOptions, train
+from jaxmoe.train.recipe import TrainConfig
+
+RECIPE_DROPOUT = 0.1
+CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+
+
+def run(args: argparse.Namespace) -> None:
+    base = preset(args.config)
+    cfg, tc = with_overrides(base, TrainConfig(), assignments=args.set)
+    named = {item.partition("=")[0].strip() for item in args.set}
+    if "expert_dropout" not in named:
+        cfg = cfg.replace(expert_dropout=RECIPE_DROPOUT)
+    if base.name.startswith("tiny") and not named & {"warmup_steps", "decay_steps"}:
+        tc = tc.scaled_to(args.steps)
+    strategy = meshes.get(args.strategy)
+    opts = RunOptions(
+        steps=args.steps,
+        workdir=args.workdir,
+        data=args.data,
+        valid=args.valid,
+        tokenizer=args.tokenizer,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        progress=not args.no_progress,
+    )
+    _start_runtime(args)
+    last = train(cfg, strategy, tc, opts)
+    if jax.process_index() == 0:
+        print(
+            f"final: step {last['step']}, train loss {last['loss']:.4f}, "
+            f"validation loss {last['val_loss']:.4f}, perplexity {last['val_ppl']:.1f} "
+            f"({strategy.name}, {cfg.name}; metrics in {args.workdir / 'metrics.jsonl'})"
+        )
+
+
+def _start_runtime(args: argparse.Namespace) -> None:
+    """CPU devices for this process, and JAX's multi-controller runtime when there are several."""
+    n = args.num_processes
+    if n < 1 or not 0 <= args.process_id < n:
+        raise ConfigError(f"--process-id {args.process_id} must be in 0..{n - 1}")
+    if args.devices % n:
+        raise ConfigError(f"--devices {args.devices} does not split over {n} processes")
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", args.devices // n)
+    if n > 1 or args.coordinator:
+        if not args.coordinator:
+            raise ConfigError("--num-processes > 1 needs --coordinator HOST:PORT (process 0's)")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, n, args.process_id)
+    elif any(int(os.environ.get(v, "0") or 0) > 1 for v in CLUSTER_ENV[:2]) or os.environ.get(
+        CLUSTER_ENV[2]
+    ):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize()
+
+
+__all__ = ["run"]

@@ -1,0 +1,133 @@
+"""The jitted pieces of training under a strategy: sharded init, train step, evaluation.
+
+Parameters are made where they live (a jitted init with the strategy's output shardings), and
+the optimizer state takes the sharding XLA gives it from the parameters' (read back from the
+compiled init, so checkpoints restore into the same layout). Batches [B, S + 1] arrive split by
+rows over every device (each process holds its rows); the model's constraints lay the tokens
+out as the strategy wants inside the step.
+"""
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.model import Transformer, loss_fn
+from jaxmoe.placement import Placement, place
+from jaxmoe.sharding import Strategy
+from jaxmoe.train import recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    placement: Placement
+    tc: recipe.TrainConfig
+    batch_sharding: NamedSharding  # [B, S + 1] token rows
+    abstract_state: tuple  # (params, opt_state) as ShapeDtypeStructs with shardings
+    init: Callable[[], tuple]  # () -> (params, opt_state)
+    step: Callable  # (params, opt_state, batch, step) -> (params, opt_state, metrics)
+    evaluate: Callable  # (params, batch) -> mean next-token cross-entropy
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.placement.cfg
+
+
+def batch_sharding(placement: Placement) -> NamedSharding:
+    """Rows split over every device when they divide, else replicated (one process only)."""
+    mesh, cfg = placement.mesh, placement.cfg
+    if cfg.batch % mesh.size == 0:
+        return NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+    if jax.process_count() > 1:
+        raise ConfigError(
+            f"batch={cfg.batch} does not split over {mesh.size} devices in "
+            f"{jax.process_count()} processes; choose batch as a multiple of {mesh.size}"
+        )
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def make_trainer(
+    cfg: ModelConfig, strategy: Strategy, devices: Sequence[jax.Device], tc: recipe.TrainConfig
+) -> Trainer:
+    placement = place(cfg, strategy, devices)
+    graphdef, tx, schedule = placement.graphdef, recipe.optimizer(tc), recipe.schedule(tc)
+    rows = batch_sharding(placement)
+    replicated = NamedSharding(placement.mesh, PartitionSpec())
+
+    def make_params():
+        return nnx.split(Transformer(cfg, nnx.Rngs(tc.seed)))[1]
+
+    init_params = jax.jit(make_params, out_shardings=placement.shardings)
+    # moments follow their parameters' shardings; XLA leaves the step counts on one device,
+    # which a step on the mesh would refuse, so those become replicated
+    propagated = jax.jit(tx.init).lower(placement.abstract_params()).compile().output_shardings
+    opt_shardings = jax.tree.map(
+        lambda s: s if isinstance(s, NamedSharding) else replicated, propagated
+    )
+    opt_compiled = jax.jit(tx.init, out_shardings=opt_shardings)
+    abstract_opt = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(tx.init, placement.abstract),
+        opt_shardings,
+    )
+
+    def init():
+        params = init_params()
+        return params, opt_compiled(params)
+
+    def loss_of(params, batch, key):
+        model = nnx.merge(graphdef, params)
+        return loss_fn(model, batch[:, :-1], batch[:, 1:], key)
+
+    def train_step(params, opt_state, batch, step):
+        key = None
+        if cfg.is_moe and cfg.expert_dropout > 0:
+            key = jax.random.fold_in(jax.random.key(tc.seed + 1), step)
+        (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params, batch, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics |= {"grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
+        return params, opt_state, metrics
+
+    def evaluate(params, batch):
+        return loss_of(params, batch, None)[1]["ce_loss"]
+
+    state_shardings = (placement.shardings, opt_shardings)
+    return Trainer(
+        placement=placement,
+        tc=tc,
+        batch_sharding=rows,
+        abstract_state=(placement.abstract_params(), abstract_opt),
+        init=init,
+        step=placement.jit(
+            train_step,
+            in_shardings=(*state_shardings, rows, replicated),
+            out_shardings=(*state_shardings, replicated),
+            donate_argnums=(0, 1),
+        ),
+        evaluate=placement.jit(
+            evaluate, in_shardings=(placement.shardings, rows), out_shardings=replicated
+        ),
+    )
+
+
+def summarize(metrics: dict) -> dict[str, float]:
+    """One step's metrics as floats: losses, gradient norm, learning rate, and for an MoE model
+    the dropped fraction and the per-expert load's min, max and std (over layers' mean)."""
+    out = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+    if "expert_load" in metrics:
+        load = np.asarray(metrics["expert_load"])  # [E], the MoE layers' mean
+        out |= {
+            "expert_load_min": float(load.min()),
+            "expert_load_max": float(load.max()),
+            "expert_load_std": float(load.std()),
+        }
+    return out
+
+
+__all__ = ["Trainer", "make_trainer", "summarize"]

@@ -1,0 +1,173 @@
+"""Training on the shipped C4 sample: the same losses under every strategy, resume after a real
+SIGKILL, two processes as one, and one-line errors for bad input that lose nothing saved."""
+
+import functools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import pytest
+
+import meshes
+from jaxmoe.config import preset
+from jaxmoe.sharding import Strategy
+from jaxmoe.train.loop import RunOptions, train
+from jaxmoe.train.recipe import TrainConfig
+
+# a small model on the real GPT-2 vocabulary: quick to compile under every strategy
+SMALL = {"d_model": 64, "d_ff": 128, "n_heads": 16, "head_dim": 4, "seq_len": 32}
+SETS = [f"--set={k}={v}" for k, v in SMALL.items()]
+CURVE_STEPS = 20
+CURVE_RTOL = 1e-4  # float32 reductions in another order, compounded over 20 Adam steps
+CURVE_LR = 3e-3  # high enough that 20 steps move the loss: a flat curve would prove little
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    lines = (json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines())
+    return {m["step"]: m["loss"] for m in lines}
+
+
+def run_in_process(strategy: Strategy, workdir: Path) -> dict[int, float]:
+    cfg = preset("tiny_moe").replace(expert_dropout=0.1, **SMALL)
+    tc = TrainConfig(learning_rate=CURVE_LR).scaled_to(CURVE_STEPS)
+    opts = RunOptions(
+        steps=CURVE_STEPS,
+        workdir=workdir,
+        eval_every=CURVE_STEPS,
+        save_every=CURVE_STEPS,
+        progress=False,
+    )
+    train(cfg, strategy, tc, opts, jax.devices()[: strategy.n_devices])
+    return losses(workdir)
+
+
+@functools.cache
+def one_device_curve(tmp: Path) -> dict[int, float]:
+    return run_in_process(meshes.ONE_DEVICE, tmp / "one_device")
+
+
+@pytest.mark.parametrize("strategy", list(meshes.REGISTRY.values()), ids=list(meshes.REGISTRY))
+def test_every_strategy_gives_the_same_loss_curve(strategy, tmp_path_factory):
+    reference = one_device_curve(tmp_path_factory.getbasetemp())
+    curve = run_in_process(strategy, tmp_path_factory.mktemp(strategy.name.replace(":", "-")))
+    assert sorted(curve) == list(range(1, CURVE_STEPS + 1))
+    for step, loss in curve.items():
+        assert loss == pytest.approx(reference[step], rel=CURVE_RTOL), step
+    assert reference[CURVE_STEPS] < reference[1] - 0.5  # and it learns
+
+
+# ---- the command line: resume after SIGKILL, two processes, bad input --------------------------
+def command(workdir: Path, *args: str, steps: int = 8) -> list[str]:
+    return [
+        sys.executable, "-m", "experiments.run", "train", "--no-progress",
+        f"--workdir={workdir}", f"--steps={steps}", "--save-every=3", "--eval-every=4",
+        *SETS, *args,
+    ]  # fmt: skip
+
+
+def run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[int, float]:
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    proc = run(command(workdir))
+    assert proc.returncode == 0, proc.stderr
+    assert "final: step 8, train loss" in proc.stdout
+    return losses(workdir)
+
+
+def test_sigkill_then_rerun_resumes_with_the_same_losses(tmp_path, uninterrupted):
+    proc = subprocess.Popen(command(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics, checkpoints = tmp_path / "metrics.jsonl", tmp_path / "checkpoints"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:  # past the checkpoint of step 3
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert saved and max(saved) < 8, saved  # it really stopped mid-way
+    resumed = run(command(tmp_path))
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(tmp_path) == uninterrupted
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_of_8_devices_train_like_one_of_16(tmp_path, uninterrupted):
+    coordinator = f"--coordinator=127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            command(tmp_path, coordinator, "--num-processes=2", f"--process-id={i}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert "final: step 8" in outputs[0][0] and "final:" not in outputs[1][0]  # process 0 reports
+    for step, loss in losses(tmp_path).items():
+        assert loss == pytest.approx(uninterrupted[step], rel=1e-5), step
+
+
+def one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda d: ["--data", str(d / "missing.json.gz")], "missing.json.gz"),
+        (lambda d: ["--data", str(write(d / "bad.json.gz", b"not gzip"))], "bad.json.gz"),
+        (lambda d: ["--data", str(write(d / "empty.json", b""))], "empty.json"),
+        (lambda d: ["--tokenizer", str(d)], "tokenizer.json"),
+        (lambda d: ["--strategy", "nope"], "unknown strategy 'nope'"),
+        (lambda d: ["--set", "learning_rate=-1"], "learning_rate=-1.0"),
+        (lambda d: ["--set", "vocab_size=300"], "vocab_size=300"),
+    ],
+)
+def test_bad_input_is_one_line_before_compiling(tmp_path, make, needle):
+    one_line_error(run(command(tmp_path / "work", *make(tmp_path))), needle)
+
+
+def write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+def test_checkpoints_of_another_strategy_or_model_are_refused_and_kept(tmp_path):
+    first = run(command(tmp_path, "--strategy=tp16", steps=3))
+    assert first.returncode == 0, first.stderr
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    one_line_error(run(command(tmp_path, "--strategy=ep16")), "another strategy")
+    one_line_error(run(command(tmp_path, "--strategy=tp16", "--set=d_ff=256")), "d_ff")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == saved
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    assert run(command(tmp_path, steps=3)).returncode == 0  # a good checkpoint at step 3
+    proc = run(command(tmp_path, "--set=learning_rate=1e30", "--set=grad_clip=1e30", steps=8))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert "loss is" in line and "the last good checkpoint (step 3)" in line, line
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert max(saved) == 3
