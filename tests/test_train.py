@@ -19,6 +19,7 @@ from jaxmoe.config import preset
 from jaxmoe.sharding import Strategy
 from jaxmoe.train.loop import RunOptions, train
 from jaxmoe.train.recipe import TrainConfig
+from jaxmoe.train.steps import make_trainer
 
 # a small model on the real GPT-2 vocabulary: quick to compile under every strategy
 SMALL = {"d_model": 64, "d_ff": 128, "n_heads": 16, "head_dim": 4, "seq_len": 32}
@@ -171,3 +172,27 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert "loss is" in line and "the last good checkpoint (step 3)" in line, line
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert max(saved) == 3
+
+
+def test_optimizer_state_is_sharded_like_the_parameters():
+    cfg = preset("tiny_moe").replace(**SMALL)
+    trainer = make_trainer(cfg, meshes.get("ep16"), jax.devices(), TrainConfig())
+    params, opt_state = trainer.abstract_state
+    batch = jax.ShapeDtypeStruct(
+        (cfg.batch, cfg.seq_len + 1), "int32", sharding=trainer.batch_sharding
+    )
+    compiled = trainer.step.lower(params, opt_state, batch, 0).compile()
+    param_shardings, opt_shardings = compiled.input_shardings[0][:2]  # as the program has them
+    paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    specs = dict(zip(paths, (s.spec for s in jax.tree.leaves(param_shardings)), strict=True))
+    moments = 0
+    opt_paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(opt_state)]
+    for path, sharding in zip(opt_paths, jax.tree.leaves(opt_shardings), strict=True):
+        for start in range(len(path)):
+            if tuple(path[start:]) in specs:
+                assert sharding.spec == specs[tuple(path[start:])], path
+                moments += 1
+                break
+    assert moments == 2 * len(specs)  # Adam's two moments of every parameter
+    expert = [s for p, s in specs.items() if "w_in" in str(p) and "moe" in str(p)]
+    assert expert and all("expert" in str(s) for s in expert)

@@ -63,13 +63,8 @@ def make_trainer(
         return nnx.split(Transformer(cfg, nnx.Rngs(tc.seed)))[1]
 
     init_params = jax.jit(make_params, out_shardings=placement.shardings)
-    # moments follow their parameters' shardings; XLA leaves the step counts on one device,
-    # which a step on the mesh would refuse, so those become replicated
-    propagated = jax.jit(tx.init).lower(placement.abstract_params()).compile().output_shardings
-    opt_shardings = jax.tree.map(
-        lambda s: s if isinstance(s, NamedSharding) else replicated, propagated
-    )
-    opt_compiled = jax.jit(tx.init, out_shardings=opt_shardings)
+    opt_shardings = _like_params(jax.eval_shape(tx.init, placement.abstract), placement, replicated)
+    opt_init = jax.jit(tx.init, out_shardings=opt_shardings)
     abstract_opt = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         jax.eval_shape(tx.init, placement.abstract),
@@ -78,7 +73,7 @@ def make_trainer(
 
     def init():
         params = init_params()
-        return params, opt_compiled(params)
+        return params, opt_init(params)
 
     def loss_of(params, batch, key):
         model = nnx.merge(graphdef, params)
@@ -114,6 +109,29 @@ def make_trainer(
             evaluate, in_shardings=(placement.shardings, rows), out_shardings=replicated
         ),
     )
+
+
+def _like_params(opt_state, placement: Placement, other: NamedSharding):
+    """Shardings for the optimizer state: a leaf whose path ends with a parameter's path (Adam's
+    moments) takes that parameter's sharding, the rest (step counts) `other`. (XLA would leave
+    moments made by zeros_like replicated: they do not depend on the parameters' values.)"""
+    by_path = {
+        tuple(path): (leaf.shape, sharding)
+        for (path, leaf), sharding in zip(
+            jax.tree_util.tree_leaves_with_path(placement.abstract),
+            jax.tree.leaves(placement.shardings),
+            strict=True,
+        )
+    }
+
+    def sharding_of(path, leaf):
+        for start in range(len(path)):
+            shape, sharding = by_path.get(tuple(path[start:]), (None, None))
+            if shape == leaf.shape:
+                return sharding
+        return other
+
+    return jax.tree_util.tree_map_with_path(sharding_of, opt_state)
 
 
 def summarize(metrics: dict) -> dict[str, float]:
