@@ -75,7 +75,7 @@ def measure(strategy_name: str, config: str, sets: list[str], steps: int, warmup
     times = []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
-        params, opt_state, metrics = trainer.step(params, opt_state, batch, i)
+        params, opt_state, metrics = compiled(params, opt_state, batch, i)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     timed = times[warmup:]

@@ -17,7 +17,8 @@ from jaxmoe.train.loop import RunOptions, train
 from jaxmoe.train.recipe import TrainConfig
 
 RECIPE_DROPOUT = 0.1
-CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS")
+TASK_COUNTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")  # cluster launchers JAX detects
+COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 
 
 def run(args: argparse.Namespace) -> None:
@@ -63,8 +64,8 @@ def _start_runtime(args: argparse.Namespace) -> None:
             raise ConfigError("--num-processes > 1 needs --coordinator HOST:PORT (process 0's)")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator, n, args.process_id)
-    elif any(int(os.environ.get(v, "0") or 0) > 1 for v in CLUSTER_ENV[:2]) or os.environ.get(
-        CLUSTER_ENV[2]
+    elif os.environ.get(COORDINATOR_ENV) or any(
+        int(os.environ.get(v) or 0) > 1 for v in TASK_COUNTS
     ):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize()

@@ -111,12 +111,13 @@ def compiled_param_shardings(
     shardings = jax.tree.leaves(compiled.input_shardings[0][0])
     with_paths = jax.tree_util.tree_leaves_with_path(abstract)
     return {
-        _path_name(path): (leaf, sharding)
+        path_name(path): (leaf, sharding)
         for (path, leaf), sharding in zip(with_paths, shardings, strict=True)
     }
 
 
-def _path_name(path: tuple) -> str:
+def path_name(path: tuple) -> str:
+    """A parameter's tree path as `blocks/moe/attn/wq` (the Variable's `value` left out)."""
     names = (str(getattr(k, "key", getattr(k, "name", k))) for k in path)
     return "/".join(names).removesuffix("/value")
 

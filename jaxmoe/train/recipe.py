@@ -11,6 +11,7 @@ import jax
 import optax
 
 from jaxmoe.config import ConfigError
+from jaxmoe.placement import path_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +69,7 @@ def _decays(params):
     """True for every parameter that takes weight decay (all but the norm scales)."""
 
     def decays(path, _):
-        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-        return "scale" not in names
+        return "scale" not in path_name(path).split("/")
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

@@ -1,10 +1,10 @@
 """The jitted pieces of training under a strategy: sharded init, train step, evaluation.
 
 Parameters are made where they live (a jitted init with the strategy's output shardings), and
-the optimizer state takes the sharding XLA gives it from the parameters' (read back from the
-compiled init, so checkpoints restore into the same layout). Batches [B, S + 1] arrive split by
-rows over every device (each process holds its rows); the model's constraints lay the tokens
-out as the strategy wants inside the step.
+Adam's moments are given their parameters' shardings explicitly (`_like_params`), so the
+optimizer state is split like the model and checkpoints restore into the same layout. Batches
+[B, S + 1] arrive split by rows over every device (each process holds its rows); the model's
+constraints lay the tokens out as the strategy wants inside the step.
 """
 
 import dataclasses
