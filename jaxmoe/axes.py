@@ -6,6 +6,7 @@ Dimension letters (einsum strings, shape comments and spec names use these and n
     H heads          K head dim                                 F MLP / expert hidden
     E experts        C capacity (token slots per expert)        G routing groups
     L layers         V vocabulary                               N devices on a mesh axis
+    X an expert's slots over all its groups (G and C merged: G*C)
 
 Model code names these logical axes only; a strategy (``meshes/``) maps each one to mesh axes.
 """
@@ -18,6 +19,7 @@ class Axis(StrEnum):
 
     BATCH = "batch"  # B, everywhere outside the attention core
     ATTN_BATCH = "attn_batch"  # B inside the attention core (scores, softmax, values)
+    LM_BATCH = "lm_batch"  # B in the LM head and the loss (logits [B, S, V])
     SEQ = "seq"  # S
     EMBED = "embed"  # D
     HEADS = "heads"  # H

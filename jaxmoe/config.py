@@ -52,6 +52,7 @@ class ModelConfig:
     batch: int = 16
     seq_len: int = 64
     micro_batches: int = 4  # pipeline micro-batches (pipelined strategies only)
+    loss_chunk_tokens: int = 512  # tokens per chunk of the fused LM head in the training loss
 
     def __post_init__(self) -> None:
         validate(self)
@@ -125,8 +126,11 @@ def _fail(field: str, value, problem: str, fix: str) -> None:
 
 def validate(cfg: ModelConfig) -> None:
     """Every range and divisibility check of a configuration, each naming the field and the fix."""
-    positive = ("vocab_size", "d_model", "n_heads", "head_dim", "d_ff", "n_layers", "batch")
-    for field in (*positive, "micro_batches"):
+    positive = (
+        *("vocab_size", "d_model", "n_heads", "head_dim", "d_ff", "n_layers", "batch"),
+        *("micro_batches", "loss_chunk_tokens"),
+    )
+    for field in positive:
         if getattr(cfg, field) < 1:
             _fail(field, getattr(cfg, field), "must be a positive integer", "set it to 1 or more")
     if cfg.seq_len < 2:

@@ -21,7 +21,7 @@ from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.model import CACHE, init_cache
 from jaxmoe.placement import Placement
 
-LAST_LOGITS = (Axis.BATCH, Axis.VOCAB)  # [B, V]
+LAST_LOGITS = (Axis.LM_BATCH, Axis.VOCAB)  # [B, V]
 
 
 def prefill_fn(graphdef: nnx.GraphDef) -> Callable:

@@ -171,6 +171,7 @@ def _split_sizes(cfg: ModelConfig) -> dict[Axis, tuple[int, str]]:
     sizes = {
         Axis.BATCH: (cfg.batch, "batch"),
         Axis.ATTN_BATCH: (cfg.batch, "batch"),
+        Axis.LM_BATCH: (cfg.batch, "batch"),
         Axis.SEQ: (cfg.seq_len, "seq_len"),
         Axis.EMBED: (cfg.d_model, "d_model"),
         Axis.HEADS: (cfg.n_heads, "n_heads"),

@@ -20,6 +20,7 @@ from jaxmoe.model.attention import CORE, KV, RESIDUAL, Attention
 from jaxmoe.model.mlp import Mlp
 from jaxmoe.model.moe import Moe, router_metrics
 from jaxmoe.model.params import RMSNorm, weight
+from jaxmoe.model.xent import PADDING, cross_entropy
 from jaxmoe.sharding import constrain, run_layers
 
 
@@ -89,6 +90,7 @@ def init_cache(cfg: ModelConfig, batch: int) -> tuple[KV, ...]:
 
 
 CACHE = (Axis.LAYERS, *CORE)  # the logical axes of every cache array
+LOGITS = (Axis.LM_BATCH, Axis.SEQ, Axis.VOCAB)  # [B, S, V]
 
 
 class Transformer(nnx.Module):
@@ -114,15 +116,23 @@ class Transformer(nnx.Module):
         self, tokens: jax.Array, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, dict]:
         """tokens: [B, S] int -> (logits [B, S, V] float32, routing sums per MoE layer)."""
-        x, stats, _ = self._layers(self._embed(tokens, 0), dropout_key, None, 0)
+        x, stats = self.features(tokens, dropout_key)
         return self._logits(x), stats
+
+    def features(
+        self, tokens: jax.Array, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, dict]:
+        """tokens: [B, S] int -> (the LM head's normalised inputs [B, S, D], routing sums)."""
+        x, stats, _ = self._layers(self._embed(tokens, 0), dropout_key, None, 0)
+        with jax.named_scope("lm_head"):
+            return self.final_norm(x), stats
 
     def extend(
         self, tokens: jax.Array, cache: tuple[KV, ...], pos: jax.Array | int
     ) -> tuple[jax.Array, tuple[KV, ...]]:
         """tokens [B, S] at positions pos.. -> (logits of the last one [B, V], updated cache)."""
         x, _, cache = self._layers(self._embed(tokens, pos), None, cache, pos)
-        return self._logits(x[:, -1:])[:, 0], cache
+        return self._logits(self.final_norm(x[:, -1:]))[:, 0], cache
 
     def _embed(self, tokens: jax.Array, pos: jax.Array | int) -> jax.Array:
         with jax.named_scope("embed"):
@@ -142,15 +152,15 @@ class Transformer(nnx.Module):
         return run_layers(step, x, (block_state, keys), cache, cfg)  # stats: [L_moe, ...] each
 
     def _logits(self, x: jax.Array) -> jax.Array:
+        """x: the normalised features [B, S, D] -> logits [B, S, V] float32."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         with jax.named_scope("lm_head"):
-            x = self.final_norm(x)
             logits = jnp.einsum(
                 "BSD,DV->BSV", x, self.unembed[...].astype(dt), preferred_element_type=jnp.float32
             )
             vocab_ids = jnp.arange(cfg.padded_vocab)
-            logits = jnp.where(vocab_ids < cfg.vocab_size, logits, -1e9)  # padding never wins
-            return constrain(logits, (Axis.BATCH, Axis.SEQ, Axis.VOCAB))
+            logits = jnp.where(vocab_ids < cfg.vocab_size, logits, PADDING)
+            return constrain(logits, LOGITS)
 
 
 def loss_fn(
@@ -161,11 +171,11 @@ def loss_fn(
 ) -> tuple[jax.Array, dict]:
     """Next-token cross-entropy plus the weighted router losses; returns (loss, metrics)."""
     cfg = model.cfg
-    logits, stats = model(inputs, dropout_key)
-    # log-sum-exp minus the target's logit: no [B, S, V] log-probabilities are materialised
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - picked
-    metrics = {"ce_loss": jnp.mean(nll)}
+    x, stats = model.features(inputs, dropout_key)
+    with jax.named_scope("lm_head"):
+        unembed = model.unembed[...].astype(cfg.compute_dtype)
+        ce = cross_entropy(x, unembed, targets, cfg.vocab_size, cfg.loss_chunk_tokens)
+    metrics = {"ce_loss": ce}
     loss = metrics["ce_loss"]
     if cfg.is_moe:  # each router metric averaged over the MoE layers
         metrics |= jax.tree.map(lambda m: jnp.mean(m, axis=0), router_metrics(stats))
