@@ -42,15 +42,16 @@ def measure(strategy_name: str, config: str, sets: list[str], steps: int, warmup
     jax.config.update("jax_num_cpu_devices", 16)
 
     import meshes
+    from experiments.configs import config as named
     from jaxmoe import data
     from jaxmoe.analysis.memory import memory_per_device
-    from jaxmoe.config import ConfigError, preset, with_overrides
+    from jaxmoe.config import ConfigError, with_overrides
     from jaxmoe.sharding import check_divisible
     from jaxmoe.train.batches import RowStreams
     from jaxmoe.train.recipe import TrainConfig
     from jaxmoe.train.steps import make_trainer
 
-    cfg = with_overrides(preset(config).replace(expert_dropout=0.1), assignments=sets)
+    cfg = with_overrides(named(config).replace(expert_dropout=0.1), assignments=sets)
     strategy = meshes.get(strategy_name)
     changed = []
     try:

@@ -6,12 +6,13 @@ import jax
 
 import meshes
 from experiments import report
+from experiments.configs import config
 from jaxmoe.compare import compare_strategies
-from jaxmoe.config import ConfigError, preset, with_overrides
+from jaxmoe.config import ConfigError, with_overrides
 
 
 def run(args: argparse.Namespace) -> None:
-    cfg = with_overrides(preset(args.config), assignments=args.set)
+    cfg = with_overrides(config(args.config), assignments=args.set)
     strategies = [meshes.get(name.strip()) for name in args.strategies.split(",") if name.strip()]
     if not strategies:
         raise ConfigError(

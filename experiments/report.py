@@ -81,3 +81,96 @@ def write_compare_json(path: Path, cfg: ModelConfig, reports: Sequence[LayoutRep
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _rate(figures: dict | None, phase: str) -> str:
+    """A phase's headline figure: prefill tokens/s, decode ms per output token."""
+    if not figures:
+        return "-"
+    if phase == "prefill" or figures.get("tpot_ms") is None:
+        return f"{figures['tps']:,.0f} tok/s" if "tps" in figures else "-"
+    return f"{figures['tpot_ms']:.3g} ms"
+
+
+def _versus(row: dict) -> str:
+    """The claim against the overlapped bound: a claim above what the hardware allows is flagged."""
+    claimed, bound = row.get("claimed"), row.get("bound")
+    if not claimed or not bound:
+        return "-"
+    parts = []
+    if "tps" in claimed:
+        parts.append(f"{claimed['tps'] / bound['tps']:.0%} of bound TPS")
+    if "tpot_ms" in claimed:
+        parts.append(f"bound/claim TPOT {bound['tpot_ms'] / claimed['tpot_ms']:.2f}")
+    flag = "IMPOSSIBLE: " if row["claim_exceeds_bound"] else ""
+    return flag + "; ".join(parts)
+
+
+def _claim_cell(claimed: dict | None, phase: str) -> str:
+    if not claimed:
+        return "-"
+    cells = []
+    if "tps" in claimed:
+        cells.append(f"{claimed['tps']:,.0f} tok/s")
+    if "tpot_ms" in claimed:
+        cells.append(f"{claimed['tpot_ms']:g} ms")
+    return ", ".join(cells)
+
+
+def experiment_table(exp, scale: str, hw, rows: Sequence[dict]) -> str:
+    cfg = exp.config(scale)
+    headers = (
+        "strategy",
+        "phase",
+        "measured here",
+        f"bound {hw.name}",
+        "comm exposed",
+        "limited by",
+        "claimed",
+        "claim vs bound",
+        "memory/device",
+        "fits",
+    )
+    body, errors = [], {}
+    for r in rows:
+        if r.get("error"):
+            errors[r["strategy"]] = r["error"]
+            body.append((r["strategy"], r["phase"], "-", "-", "-", "(see below)",
+                         _claim_cell(r["claimed"], r["phase"]), "-", "-", "-"))  # fmt: skip
+            continue
+        measured = _rate(r["measured"], r["phase"])
+        if r.get("same_tokens_as_one_device") is False:
+            measured += " (TOKENS DIFFER)"
+        memory = r["memory_bytes_per_device"]
+        body.append(
+            (
+                r["strategy"],
+                f"{r['phase']} (B {r['batch']})",
+                measured,
+                _rate(r["bound"], r["phase"]),
+                _rate(r["bound_serial"], r["phase"]),
+                r["limit"],
+                _claim_cell(r["claimed"], r["phase"]),
+                _versus(r),
+                human_bytes(memory),
+                "yes" if r["fits"] else f"NO: over {human_bytes(hw.hbm_bytes)}",
+            )
+        )
+    experts = (
+        f", {cfg.n_experts} experts top-{cfg.top_k} ({cfg.expert_form}, "
+        f"{2 if cfg.expert_form == 'gelu' else 3} matrices), capacity {cfg.capacity_factor}"
+        if cfg.is_moe
+        else ", dense"
+    )
+    title = (
+        f"{exp.name} ({exp.title}), {scale}: {cfg.n_layers} layers{experts}, D {cfg.d_model}, "
+        f"{cfg.n_heads}x{cfg.head_dim} heads, F {cfg.d_ff}, B {cfg.batch} x S {cfg.seq_len}, "
+        f"{cfg.dtype}; bound on {hw.description}"
+    )
+    legend = (
+        "bound: the roofline floor with communication overlapped (comm exposed: added after "
+        "compute); prefill in tokens/s, decode in ms per output token at a full cache of S "
+        "positions; measured: median on this machine's CPU devices"
+    )
+    notes = "".join(f"\n{name}: {error}" for name, error in errors.items())
+    return f"{title}\n\n{table(headers, body)}\n\n{legend}{notes}"

@@ -3,6 +3,8 @@
   compare (the default)  lay one model over every registered strategy on 16 virtual CPU devices,
                          check each against the one-device forward pass, print one table
   train                  train on C4 with the papers' recipe under one strategy; resumable
+  experiment             a paper's setup: TPS and TPOT measured (tiny) or compiled (full), each
+                         beside its roofline bound on the paper's hardware and the paper's claim
 
 The program sets the CPU device count itself (16, or 16 / --num-processes per process).
 """
@@ -13,11 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import meshes
-from experiments import compare_cmd, train_cmd
+from experiments import compare_cmd, experiment_cmd, train_cmd
 from jaxmoe.config import DEFAULT_PRESET, ConfigError
 from jaxmoe.train.loop import TrainingDiverged
 
-COMMANDS = ("compare", "train")
+COMMANDS = ("compare", "train", "experiment")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +64,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     train.add_argument("--num-processes", type=int, default=1)
     train.add_argument("--process-id", type=int, default=0)
 
+    experiment = commands.add_parser("experiment", help="a paper's setup against its bounds")
+    experiment.add_argument("name", help="paper000 ... paper004, or all")
+    experiment.add_argument("--scale", choices=("tiny", "full"), default="tiny")
+    experiment.add_argument("--hardware", help="a hardware profile (default: the paper's)")
+    experiment.add_argument("--warmup", type=int, default=3, help="untimed calls (papers: 100)")
+    experiment.add_argument("--iters", type=int, default=20, help="timed calls (papers: 1000)")
+    experiment.add_argument("--json", type=Path, help="also write the rows here as JSON")
+    experiment.add_argument("--plots", type=Path, help="write a PNG per experiment here")
+
     argv = list(argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv.insert(0, "compare")
@@ -73,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             train_cmd.run(args)
+        elif args.command == "experiment":
+            experiment_cmd.run(args)
         else:
             compare_cmd.run(args)
     except ConfigError as err:

@@ -2,8 +2,9 @@
 of several processes (`--coordinator`, `--num-processes`, `--process-id`; or the cluster's
 environment where JAX detects it).
 
-On a `tiny*` configuration the schedule scales to `--steps` (warmup 10%, cosine to the end)
-unless warmup_steps / decay_steps are set; expert dropout is the recipe's 0.1 unless set.
+On a tiny configuration (`tiny*`, `paperNNN`) the schedule scales to `--steps` (warmup 10%,
+cosine to the end) unless warmup_steps / decay_steps are set; expert dropout is the recipe's 0.1
+unless set.
 """
 
 import argparse
@@ -12,7 +13,8 @@ import os
 import jax
 
 import meshes
-from jaxmoe.config import ConfigError, preset, with_overrides
+from experiments.configs import config
+from jaxmoe.config import ConfigError, with_overrides
 from jaxmoe.train.loop import RunOptions, train
 from jaxmoe.train.recipe import TrainConfig
 
@@ -22,12 +24,12 @@ COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 
 
 def run(args: argparse.Namespace) -> None:
-    base = preset(args.config)
+    base = config(args.config)
     cfg, tc = with_overrides(base, TrainConfig(), assignments=args.set)
     named = {item.partition("=")[0].strip() for item in args.set}
     if "expert_dropout" not in named:
         cfg = cfg.replace(expert_dropout=RECIPE_DROPOUT)
-    if base.name.startswith("tiny") and not named & {"warmup_steps", "decay_steps"}:
+    if "tiny" in base.name and not named & {"warmup_steps", "decay_steps"}:
         tc = tc.scaled_to(args.steps)
     strategy = meshes.get(args.strategy)
     opts = RunOptions(

@@ -117,3 +117,21 @@ def generate(dec: Decoder, params, prompt, steps: int) -> np.ndarray:
             pos = jnp.asarray(length + i, jnp.int32)
             logits, cache = dec.step(params, dec.put_tokens(token), cache, pos)
     return np.asarray(jnp.concatenate(out, axis=1))
+
+
+def compile_phases(dec: Decoder, params, prompt_len: int) -> dict[str, jax.stages.Compiled]:
+    """Both phases compiled for `params` (arrays or abstract `ShapeDtypeStruct`s, so a full-size
+    model compiles with no weights allocated): prefill of a `prompt_len`-token prompt, and one
+    decode step, which attends over the whole cache (seq_len positions) wherever it writes."""
+    cfg = dec.cfg
+    cache = jax.eval_shape(dec.new_cache)
+    tokens = dec.token_sharding
+
+    def ids(length):
+        return jax.ShapeDtypeStruct((cfg.batch, length), jnp.int32, sharding=tokens)
+
+    position = jax.ShapeDtypeStruct((), jnp.int32)
+    return {
+        "prefill": dec.prefill.lower(params, ids(prompt_len), cache).compile(),
+        "decode": dec.step.lower(params, ids(1), cache, position).compile(),
+    }

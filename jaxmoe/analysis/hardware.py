@@ -1,0 +1,99 @@
+"""Hardware profiles (the editable `assets/hardware.toml`) and the time a collective takes on them.
+
+Devices of a mesh are the profile's GPUs in order, `per_node` to a node: a collective whose
+group stays in one node runs over NVLink, one that spans nodes is timed as NCCL's hierarchical
+algorithms run it (inside each node over NVLink, between nodes over the network, one GPU per node
+and local rank talking to its peers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+
+from jaxmoe.analysis.collectives import Collective
+from jaxmoe.config import ConfigError
+
+PROFILES = Path(__file__).resolve().parent.parent / "assets" / "hardware.toml"
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    name: str
+    description: str
+    count: int  # GPUs
+    per_node: int
+    matmul_flops: dict[str, float]  # peak FLOP/s per compute dtype
+    hbm_bytes: float
+    hbm_bandwidth: float
+    nvlink_bandwidth: float
+    network_bandwidth: float
+
+    def peak_flops(self, dtype: str) -> float:
+        if dtype not in self.matmul_flops:
+            raise ConfigError(
+                f"hardware {self.name} has no peak for dtype {dtype}; "
+                f"add it to matmul_flops in {PROFILES}"
+            )
+        return self.matmul_flops[dtype]
+
+    def collective_seconds(self, c: Collective) -> float:
+        """Seconds one execution of the collective takes (each device's share in parallel)."""
+        if c.kind == "collective-permute":
+            moving = [(s, t) for s, t in c.groups if s != t]
+            if not moving:
+                return 0.0
+            across = any(s // self.per_node != t // self.per_node for s, t in moving)
+            return c.operand_bytes / (self.network_bandwidth if across else self.nvlink_bandwidth)
+        group = max(c.groups, key=len) if c.groups else (0,)
+        return self._group_seconds(c.kind, c.operand_bytes, group)
+
+    def _group_seconds(self, kind: str, size: float, group: Sequence[int]) -> float:
+        n = len(group)
+        if n <= 1:
+            return 0.0
+        nodes = len({d // self.per_node for d in group})
+        local = n // nodes  # members of the group in each node
+        nv, net = self.nvlink_bandwidth, self.network_bandwidth
+        if kind == "all-to-all":  # each device keeps 1/n, sends the rest straight to its peers
+            on, off = size * (local - 1) / n, size * (n - local) / n
+            return max(on / nv, off / net)
+        if kind == "all-gather":  # size: one device's shard; between nodes first, then inside
+            return (nodes - 1) * size / net + (local - 1) * nodes * size / nv
+        if kind == "reduce-scatter":  # size: the whole array; inside nodes first, then between
+            return (local - 1) / local * size / nv + (nodes - 1) / nodes * size / local / net
+        if kind == "all-reduce":  # reduce-scatter then all-gather, each hierarchical
+            return 2 * ((local - 1) / local * size / nv + (nodes - 1) / nodes * size / local / net)
+        raise ValueError(f"unknown collective kind {kind!r}")
+
+
+def profiles(path: Path = PROFILES) -> dict[str, Hardware]:
+    data = tomllib.loads(path.read_text())
+    gpus = data.get("gpus", {})
+    found = {}
+    for name, p in data.get("profiles", {}).items():
+        if p.get("gpu") not in gpus:
+            raise ConfigError(f"profile {name} names gpu {p.get('gpu')!r}, not in [gpus] of {path}")
+        gpu = gpus[p["gpu"]]
+        found[name] = Hardware(
+            name=name,
+            description=gpu.get("description", p["gpu"]),
+            count=int(p["count"]),
+            per_node=int(p["per_node"]),
+            matmul_flops={k: float(v) for k, v in gpu["matmul_flops"].items()},
+            hbm_bytes=float(gpu["hbm_bytes"]),
+            hbm_bandwidth=float(gpu["hbm_bandwidth"]),
+            nvlink_bandwidth=float(gpu["nvlink_bandwidth"]),
+            network_bandwidth=float(gpu["network_bandwidth"]),
+        )
+    return found
+
+
+def get(name: str) -> Hardware:
+    """The named profile, or a one-line ConfigError listing the choices."""
+    known = profiles()
+    if name not in known:
+        raise ConfigError(f"unknown hardware profile {name!r}; choose one of {sorted(known)}")
+    return known[name]

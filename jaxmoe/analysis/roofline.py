@@ -1,0 +1,94 @@
+"""The roofline bound of a compiled, partitioned program on a hardware profile.
+
+Three times per device, each a floor on what the hardware can do:
+- compute: the program's matmul FLOPs (every loop iteration counted) at the matmul peak of the
+  compute dtype;
+- memory: the bytes the program must move to and from HBM at least once (its arguments, the
+  weights and KV cache among them, and its outputs that are not updated in place, from XLA's
+  memory analysis) at the HBM bandwidth;
+- communication: every collective of the program (from its HLO, with its trip counts and device
+  groups) at the bandwidth of the links its group spans.
+
+Fully overlapped, a step takes at least the largest of the three; with communication exposed,
+at least compute-or-memory plus communication. Neither accounts for the pipeline bubble
+separately: a pipelined program's devices run every iteration (the bubble's too), so its FLOPs
+already carry it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+from jaxmoe.analysis.collectives import inventory
+from jaxmoe.analysis.flops import matmul_flops
+from jaxmoe.analysis.hardware import Hardware
+from jaxmoe.analysis.memory import memory_per_device
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """Lower bounds, in seconds per call of the program, on one hardware profile."""
+
+    compute_s: float
+    memory_s: float
+    comm_s: float
+    flops: float  # per device
+    hbm_bytes: float  # per device, moved at least once
+    comm_by: dict[str, float]  # seconds per collective kind and mesh axes, e.g. "all-to-all@expert"
+
+    @property
+    def overlapped_s(self) -> float:
+        return max(self.compute_s, self.memory_s, self.comm_s)
+
+    @property
+    def serial_s(self) -> float:
+        return max(self.compute_s, self.memory_s) + self.comm_s
+
+    @property
+    def limit(self) -> str:
+        """What bounds the overlapped step: compute, memory, or the costliest collective."""
+        terms = {"compute": self.compute_s, "memory": self.memory_s, "communication": self.comm_s}
+        which = max(terms, key=terms.get)
+        if which == "communication" and self.comm_by:
+            return max(self.comm_by, key=self.comm_by.get)
+        return which
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "compute_s": self.compute_s,
+            "memory_s": self.memory_s,
+            "comm_s": self.comm_s,
+            "overlapped_s": self.overlapped_s,
+            "serial_s": self.serial_s,
+            "limit": self.limit,
+            "flops_per_device": self.flops,
+            "hbm_bytes_per_device": self.hbm_bytes,
+            "comm_s_by_collective": self.comm_by,
+        }
+
+
+def bound(flops: float, hbm_bytes: float, collectives, hw: Hardware, dtype: str) -> Bound:
+    """The bound of per-device work `flops` and `hbm_bytes` plus these collectives (each with
+    its executions per call) on `hw`, computing in `dtype`."""
+    comm: Counter[str] = Counter()
+    for c in collectives:
+        key = f"{c.kind}@{'x'.join(c.axes) if c.axes else 'devices'}"
+        comm[key] += c.executions * hw.collective_seconds(c)
+    return Bound(
+        compute_s=flops / hw.peak_flops(dtype),
+        memory_s=hbm_bytes / hw.hbm_bandwidth,
+        comm_s=sum(comm.values()),
+        flops=flops,
+        hbm_bytes=hbm_bytes,
+        comm_by=dict(comm),
+    )
+
+
+def program_bound(compiled, axis_sizes: dict[str, int], hw: Hardware, dtype: str) -> Bound:
+    """The bound of a compiled program (`jax.stages.Compiled`) laid over a mesh of these axes."""
+    text = compiled.as_text()
+    mem = memory_per_device(compiled)
+    compulsory = mem["arguments"] + mem["outputs"] - mem["aliased"]
+    return bound(matmul_flops(text), compulsory, inventory(text, axis_sizes).collectives, hw, dtype)

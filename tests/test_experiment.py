@@ -1,0 +1,65 @@
+"""`experiment`: the papers' setups beside their bounds (full size, compiled on abstract inputs)
+and measured on the tiny models, every strategy generating one device's tokens."""
+
+import json
+
+import pytest
+
+from experiments import run
+
+
+def experiment(tmp_path, *args):
+    out = tmp_path / "out.json"
+    assert run.main(["experiment", *args, "--json", str(out), "--plots", str(tmp_path)]) == 0
+    return json.loads(out.read_text())
+
+
+def rows_of(doc, strategy, phase):
+    found = [r for r in doc["rows"] if r["strategy"] == strategy and r["phase"] == phase]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_paper000_full_flags_the_impossible_claims(tmp_path, capsys):
+    doc = experiment(tmp_path, "paper000", "--scale", "full")
+    assert doc["experiment"] == "paper000" and doc["hardware"] == "h100x16"
+    decode = rows_of(doc, "ep16", "decode")
+    # B 128 at 10,000 tokens of context: weights and cache read once take ~8 ms (GELU experts)
+    assert decode["bound"]["overlapped"] is True and decode["bound"]["tpot_ms"] > 7.0
+    assert decode["claimed"]["tpot_ms"] == 2.2 and decode["claim_exceeds_bound"] is True
+    assert decode["limit"] == "memory" and decode["measured"] is None
+    prefill = rows_of(doc, "ep16", "prefill")
+    assert prefill["claimed"]["tps"] == 450_000 and prefill["claim_exceeds_bound"] is False
+    assert (
+        prefill["bound"]["tps"] > 450_000
+        and prefill["bound_serial"]["tps"] < prefill["bound"]["tps"]
+    )
+    for row in doc["rows"]:
+        assert set(row) >= {"strategy", "phase", "measured", "bound", "claimed",
+                            "claim_exceeds_bound", "memory_bytes_per_device", "fits"}  # fmt: skip
+    out = capsys.readouterr().out
+    assert "IMPOSSIBLE" in out and "gelu, 2 matrices" in out
+    assert (tmp_path / "paper000_full.png").stat().st_size > 10_000
+
+
+def test_paper000_tiny_measures_and_matches_one_device(tmp_path):
+    doc = experiment(tmp_path, "paper000", "--warmup", "1", "--iters", "3")
+    for row in doc["rows"]:
+        assert row["same_tokens_as_one_device"] is True
+        assert row["measured"]["calls"] == 3 and row["measured"]["tps"] > 0
+        low, high = row["measured"]["ci95_s"]
+        assert low <= row["measured"]["median_s"] <= high
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["experiment", "paper999"], "unknown paper 'paper999'; choose one of paper000"),
+        (["experiment", "paper000", "--hardware", "tpu"], "unknown hardware profile 'tpu'"),
+        (["compare", "--config", "nope"], "choose one of bench_moe"),
+    ],
+)
+def test_bad_names_get_one_line(args, message, capsys):
+    assert run.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
