@@ -174,3 +174,27 @@ def experiment_table(exp, scale: str, hw, rows: Sequence[dict]) -> str:
     )
     notes = "".join(f"\n{name}: {error}" for name, error in errors.items())
     return f"{title}\n\n{table(headers, body)}\n\n{legend}{notes}"
+
+
+def device_table(cfg: ModelConfig, device, hw, rows: Sequence[dict]) -> str:
+    headers = ("phase", "measured", f"bound {hw.name}", "of bound", "MFU", "HBM bandwidth")
+    body = [
+        (
+            r["phase"],
+            _rate(r["measured"], r["phase"]),
+            _rate(r["bound"], r["phase"]),
+            f"{r['fraction_of_bound']:.1%}",
+            f"{r['mfu']:.1%} ({r['flops_per_s'] / 1e12:.3g} TFLOP/s)",
+            f"{r['hbm_bandwidth_fraction']:.1%} ({r['hbm_bytes_per_s'] / 1e9:.3g} GB/s)",
+        )
+        for r in rows
+    ]
+    title = (
+        f"{cfg.name} on {device.platform} device {device.id} ({device.device_kind}), "
+        f"B {cfg.batch} x S {cfg.seq_len}, {cfg.dtype}; bound: {hw.description}"
+    )
+    legend = (
+        "MFU: the program's matmul FLOP/s over the peak; HBM bandwidth: the bytes it must move "
+        "(weights, cache, new outputs) per second over the peak"
+    )
+    return f"{title}\n\n{table(headers, body)}\n\n{legend}"

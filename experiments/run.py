@@ -5,6 +5,8 @@
   train                  train on C4 with the papers' recipe under one strategy; resumable
   experiment             a paper's setup: TPS and TPOT measured (tiny) or compiled (full), each
                          beside its roofline bound on the paper's hardware and the paper's claim
+  device                 one model on one device of the platform at hand (a GPU where there is
+                         one): measured against that device's bound, MFU and HBM bandwidth
 
 The program sets the CPU device count itself (16, or 16 / --num-processes per process).
 """
@@ -15,11 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import meshes
-from experiments import compare_cmd, experiment_cmd, train_cmd
+from experiments import compare_cmd, device_cmd, experiment_cmd, train_cmd
 from jaxmoe.config import DEFAULT_PRESET, ConfigError
 from jaxmoe.train.loop import TrainingDiverged
 
-COMMANDS = ("compare", "train", "experiment")
+COMMANDS = ("compare", "train", "experiment", "device")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +75,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     experiment.add_argument("--json", type=Path, help="also write the rows here as JSON")
     experiment.add_argument("--plots", type=Path, help="write a PNG per experiment here")
 
+    device = commands.add_parser("device", help="one device's share of its roofline")
+    device.add_argument("--config", default="bench_moe", help="a named configuration")
+    device.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    device.add_argument("--hardware", default="h100x1", help="the profile of the device used")
+    device.add_argument("--warmup", type=int, default=10)
+    device.add_argument("--iters", type=int, default=50)
+    device.add_argument("--json", type=Path, help="also write the rows here as JSON")
+
     argv = list(argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv.insert(0, "compare")
@@ -86,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_cmd.run(args)
         elif args.command == "experiment":
             experiment_cmd.run(args)
+        elif args.command == "device":
+            device_cmd.run(args)
         else:
             compare_cmd.run(args)
     except ConfigError as err:

@@ -63,3 +63,16 @@ def test_bad_names_get_one_line(args, message, capsys):
     assert run.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_device_reports_its_share_of_the_bound(tmp_path):
+    out = tmp_path / "device.json"
+    args = ["device", "--config", "tiny_moe", "--warmup", "1", "--iters", "2", "--json", str(out)]
+    assert run.main(args) == 0
+    doc = json.loads(out.read_text())
+    assert [r["phase"] for r in doc["rows"]] == ["prefill", "decode"]
+    for row in doc["rows"]:  # a CPU against an H100's peaks: far below, never above
+        assert 0 < row["mfu"] < 1 and 0 < row["hbm_bandwidth_fraction"] < 1
+        assert row["fraction_of_bound"] == pytest.approx(
+            row["bound"]["seconds"] / row["measured"]["median_s"]
+        )
