@@ -34,13 +34,23 @@ LayerRunner = Callable[
 def scan_layers(
     step: Callable, x: jax.Array, per_block: Any, cache: Any, *_, first_row=0
 ) -> tuple[jax.Array, Any, Any]:
-    """The default layer runner: one `lax.scan` over the stacked blocks (and their caches)."""
+    """The default layer runner: one `lax.scan` over the stacked blocks.
 
-    def body(x, xs):
-        x, outputs, block_cache = step(x, *xs, first_row)
-        return x, (outputs, block_cache)
+    A cache rides in the loop's carry, each block's slice read and written back at its index,
+    so XLA updates it in place; scanned over as an input it would be stacked anew as an output
+    (a copy of the whole cache, and more, in every decode step).
+    """
 
-    x, (outputs, cache) = jax.lax.scan(body, x, (per_block, cache))
+    def body(carry, block):
+        x, cache, index = carry
+        here = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, index, 0, False), cache)
+        x, outputs, here = step(x, block, here, first_row)
+        cache = jax.tree.map(
+            lambda c, h: jax.lax.dynamic_update_index_in_dim(c, h, index, 0), cache, here
+        )
+        return (x, cache, index + 1), outputs
+
+    (x, cache, _), outputs = jax.lax.scan(body, (x, cache, 0), per_block)
     return x, outputs, cache
 
 
