@@ -106,7 +106,7 @@ def _versus(row: dict) -> str:
     return flag + "; ".join(parts)
 
 
-def _claim_cell(claimed: dict | None, phase: str) -> str:
+def _claim_cell(claimed: dict | None) -> str:
     if not claimed:
         return "-"
     cells = []
@@ -136,7 +136,7 @@ def experiment_table(exp, scale: str, hw, rows: Sequence[dict]) -> str:
         if r.get("error"):
             errors[r["strategy"]] = r["error"]
             body.append((r["strategy"], r["phase"], "-", "-", "-", "(see below)",
-                         _claim_cell(r["claimed"], r["phase"]), "-", "-", "-"))  # fmt: skip
+                         _claim_cell(r["claimed"]), "-", "-", "-"))  # fmt: skip
             continue
         measured = _rate(r["measured"], r["phase"])
         if r.get("same_tokens_as_one_device") is False:
@@ -150,7 +150,7 @@ def experiment_table(exp, scale: str, hw, rows: Sequence[dict]) -> str:
                 _rate(r["bound"], r["phase"]),
                 _rate(r["bound_serial"], r["phase"]),
                 r["limit"],
-                _claim_cell(r["claimed"], r["phase"]),
+                _claim_cell(r["claimed"]),
                 _versus(r),
                 human_bytes(memory),
                 "yes" if r["fits"] else f"NO: over {human_bytes(hw.hbm_bytes)}",
