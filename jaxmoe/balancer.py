@@ -20,7 +20,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Iterable, Sequence
-from typing import NoReturn, Protocol
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -28,20 +28,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxmoe.config import ConfigError
+from jaxmoe.config import fail
 
 HIDDEN = 32  # units in each of the MLP's two hidden layers
 LEARNING_RATE = 1e-2  # Adam, cosine-decayed to 1% of this over the fit
 FIELDS = ("tokens", "attn_devices", "expert_devices")  # what the predictor reads
 
 
-def _fail(field: str, value: object, problem: str, fix: str) -> NoReturn:
-    raise ConfigError(f"{field}={value!r}: {problem}; {fix}")
-
-
 def _positive(field: str, value: float) -> None:
     if not 0 < value < math.inf:  # also catches NaN
-        _fail(field, value, "must be positive and finite", "pass a measured value above 0")
+        fail(field, value, "must be positive and finite", "pass a measured value above 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +121,9 @@ class StepTimeModel:
         """Fit log-seconds of both sides; features and targets standardised by the samples'
         own mean and spread. Deterministic given `seed`."""
         if len(samples) < 2:
-            _fail("samples", len(samples), "need at least 2 to fit", "measure more micro-batches")
+            fail("samples", len(samples), "need at least 2 to fit", "measure more micro-batches")
         if steps < 1:
-            _fail("steps", steps, "must be positive", "pass steps=1 or more")
+            fail("steps", steps, "must be positive", "pass steps=1 or more")
         x = features(*_inputs(samples))
         y = np.log([(s.attn_s, s.expert_s) for s in samples])
         x_stats = x.mean(0), np.where(x.std(0) > 0, x.std(0), 1.0)
@@ -155,7 +151,7 @@ class StepTimeModel:
     def relative_error(self, samples: Sequence[Sample]) -> dict[str, float]:
         """|predicted - measured| / measured of each side on (held-out) samples: median, max."""
         if not samples:
-            _fail("samples", 0, "nothing to score", "pass held-out samples")
+            fail("samples", 0, "nothing to score", "pass held-out samples")
         pred = self.predict_many(*_inputs(samples))
         true = np.array([(s.attn_s, s.expert_s) for s in samples])
         err = np.abs(pred - true) / true
@@ -199,9 +195,9 @@ def choose_split(
     options = sorted(set(micro_batches_options))
     splits = list(device_splits)
     if not options or min(options) < 1:
-        _fail("micro_batches_options", options, "need positive counts", "pass e.g. (1, 2, 4, 8)")
+        fail("micro_batches_options", options, "need positive counts", "pass e.g. (1, 2, 4, 8)")
     if not splits or min(min(s) for s in splits) < 1:
-        _fail("device_splits", splits, "need (a, e) pairs of positive counts", "e.g. ((12, 4),)")
+        fail("device_splits", splits, "need (a, e) pairs of positive counts", "e.g. ((12, 4),)")
     best, best_key = None, None
     for (a, e), m in itertools.product(splits, options):
         ta, te = model.predict(total_tokens / m, a, e)
@@ -224,9 +220,9 @@ def recommend_devices(
     """Beyond the paper: try every a + e = total_devices (both >= 1; e dividing `n_experts`
     when given, so experts spread evenly) and return the best `choose_split`."""
     if total_devices < 2:
-        _fail("total_devices", total_devices, "need 2 or more", "give each side a device")
+        fail("total_devices", total_devices, "need 2 or more", "give each side a device")
     if n_experts is not None and n_experts < 1:
-        _fail("n_experts", n_experts, "must be positive", "pass the model's expert count or None")
+        fail("n_experts", n_experts, "must be positive", "pass the model's expert count or None")
     splits = [
         (total_devices - e, e)
         for e in range(1, total_devices)
@@ -244,9 +240,9 @@ class Rebalancer:
 
     def __init__(self, every: int = 100, threshold: float = 0.05):
         if every < 1:
-            _fail("every", every, "must be a positive step count", "pass every=1 or more")
+            fail("every", every, "must be a positive step count", "pass every=1 or more")
         if not threshold > 0:
-            _fail("threshold", threshold, "must be positive", "pass e.g. threshold=0.05")
+            fail("threshold", threshold, "must be positive", "pass e.g. threshold=0.05")
         self.every = every
         self.threshold = threshold
         self._window: collections.deque[tuple[float, float]] = collections.deque(maxlen=every)
@@ -262,7 +258,7 @@ class Rebalancer:
         """Record one step's seconds of each side; True when `step` is a multiple of `every`
         and the window's imbalance exceeds `threshold`."""
         if step < 0:
-            _fail("step", step, "must not be negative", "count steps from 0")
+            fail("step", step, "must not be negative", "count steps from 0")
         _positive("attn_s", attn_s)
         _positive("expert_s", expert_s)
         self._window.append((attn_s, expert_s))

@@ -7,7 +7,7 @@ the model, and every strategy's divisibility checks need them.
 import dataclasses
 import math
 from collections.abc import Iterable
-from typing import Literal
+from typing import Literal, NoReturn
 
 import jax.numpy as jnp
 
@@ -120,7 +120,8 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _fail(field: str, value, problem: str, fix: str) -> None:
+def fail(field: str, value, problem: str, fix: str) -> NoReturn:
+    """Raise the one-line ConfigError every bad field gets: `field=value: problem; fix`."""
     raise ConfigError(f"{field}={value!r}: {problem}; {fix}")
 
 
@@ -132,13 +133,13 @@ def validate(cfg: ModelConfig) -> None:
     )
     for field in positive:
         if getattr(cfg, field) < 1:
-            _fail(field, getattr(cfg, field), "must be a positive integer", "set it to 1 or more")
+            fail(field, getattr(cfg, field), "must be a positive integer", "set it to 1 or more")
     if cfg.seq_len < 2:
-        _fail("seq_len", cfg.seq_len, "must be at least 2", "set seq_len=2 or more")
+        fail("seq_len", cfg.seq_len, "must be at least 2", "set seq_len=2 or more")
     if cfg.moe_every < 0:
-        _fail("moe_every", cfg.moe_every, "must be >= 0", "use 0 for dense, k for every k-th MoE")
+        fail("moe_every", cfg.moe_every, "must be >= 0", "use 0 for dense, k for every k-th MoE")
     if cfg.is_moe and cfg.n_layers % cfg.moe_every:
-        _fail(
+        fail(
             "moe_every",
             cfg.moe_every,
             f"must divide n_layers={cfg.n_layers}",
@@ -146,28 +147,26 @@ def validate(cfg: ModelConfig) -> None:
         )
     for field in ("dtype", "param_dtype"):
         if getattr(cfg, field) not in DTYPES:
-            _fail(field, getattr(cfg, field), "unknown dtype", f"choose one of {sorted(DTYPES)}")
+            fail(field, getattr(cfg, field), "unknown dtype", f"choose one of {sorted(DTYPES)}")
     if cfg.expert_form not in EXPERT_FORMS:
-        _fail(
-            "expert_form", cfg.expert_form, "unknown expert form", f"choose one of {EXPERT_FORMS}"
-        )
+        fail("expert_form", cfg.expert_form, "unknown expert form", f"choose one of {EXPERT_FORMS}")
     if not cfg.is_moe:
         return
     if cfg.n_experts < 1:
-        _fail("n_experts", cfg.n_experts, "an MoE model needs experts", "set n_experts >= 1")
+        fail("n_experts", cfg.n_experts, "an MoE model needs experts", "set n_experts >= 1")
     if not 1 <= cfg.top_k <= cfg.n_experts:
-        _fail("top_k", cfg.top_k, f"must be in 1..n_experts={cfg.n_experts}", "lower top_k")
+        fail("top_k", cfg.top_k, f"must be in 1..n_experts={cfg.n_experts}", "lower top_k")
     if cfg.capacity_factor <= 0:
-        _fail("capacity_factor", cfg.capacity_factor, "must be > 0", "use e.g. 1.0 or 1.25")
+        fail("capacity_factor", cfg.capacity_factor, "must be > 0", "use e.g. 1.0 or 1.25")
     if cfg.moe_group_size < 0 or (cfg.moe_group_size and cfg.seq_len % cfg.moe_group_size):
-        _fail(
+        fail(
             "moe_group_size",
             cfg.moe_group_size,
             f"must divide seq_len={cfg.seq_len}",
             "use 0 (one group per sequence) or a divisor of seq_len",
         )
     if not 0.0 <= cfg.expert_dropout < 1.0:
-        _fail("expert_dropout", cfg.expert_dropout, "must be in [0, 1)", "use e.g. 0.1")
+        fail("expert_dropout", cfg.expert_dropout, "must be in [0, 1)", "use e.g. 0.1")
 
 
 PRESETS: dict[str, ModelConfig] = {
