@@ -9,14 +9,19 @@ from experiments import report
 from experiments.configs import config
 from jaxmoe.compare import compare_strategies
 from jaxmoe.config import ConfigError, with_overrides
+from jaxmoe.separation import Separation
 
 
 def run(args: argparse.Namespace) -> None:
     cfg = with_overrides(config(args.config), assignments=args.set)
     strategies = [meshes.get(name.strip()) for name in args.strategies.split(",") if name.strip()]
+    strategies = [
+        s.with_options(transfer_bits=args.transfer_bits) if isinstance(s, Separation) else s
+        for s in strategies
+    ]
     if not strategies:
         raise ConfigError(
-            "--strategies is empty; name at least one of " + ", ".join(meshes.REGISTRY)
+            "--strategies is empty; name at least one of " + ", ".join(meshes.LAYOUTS)
         )
     if args.devices < 1:
         raise ConfigError(f"--devices {args.devices}: must be at least 1")

@@ -14,6 +14,8 @@ SHORT = {
     "all-reduce": "ar",
     "reduce-scatter": "rs",
     "collective-permute": "cp",
+    "transfer": "xfer",
+    "fanout": "fan",
 }
 
 
@@ -37,6 +39,13 @@ def _collectives_cell(report: LayoutReport) -> str:
     return ", ".join(parts) or "none"
 
 
+def _mesh_cell(mesh: dict) -> str:
+    """`pipe=2xtensor=8`; two sub-meshes: `replica=2xheads=6 + expert=4`."""
+    if all(isinstance(v, dict) for v in mesh.values()):
+        return " + ".join(_mesh_cell(sub) for sub in mesh.values())
+    return "x".join(f"{a}={n}" for a, n in mesh.items())
+
+
 def compare_table(cfg: ModelConfig, reports: Sequence[LayoutReport]) -> str:
     headers = (
         "strategy",
@@ -51,7 +60,7 @@ def compare_table(cfg: ModelConfig, reports: Sequence[LayoutReport]) -> str:
     rows = [
         (
             r.strategy,
-            "x".join(f"{a}={n}" for a, n in r.mesh.items()),
+            _mesh_cell(r.mesh),
             f"{r.max_abs_err:.1e} ({r.max_abs_err / r.logits_scale:.0e} rel)",
             _collectives_cell(r),
             human_bytes(r.bytes_per_layer),
@@ -69,7 +78,10 @@ def compare_table(cfg: ModelConfig, reports: Sequence[LayoutReport]) -> str:
     )
     legend = (
         "a2a all-to-all, ag all-gather, ar all-reduce, rs reduce-scatter, cp collective-permute; "
-        "bubble: share of a pipeline's M + P - 1 iterations a stage idles, (P - 1) / (M + P - 1)"
+        "bubble: share of a pipeline's M + P - 1 iterations a stage idles, (P - 1) / (M + P - 1); "
+        "ma_separation: xfer = hidden states crossing between its two sub-meshes, fan = the "
+        "experts' output copied on to the rest of each attention replica group; counts per "
+        "device of the mesh issuing them, bytes averaged over all devices"
     )
     return f"{title}\n\n{table(headers, rows)}\n\n{legend}"
 

@@ -37,7 +37,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    strategies = "\n".join(f"  {s.name:<20} {s.description}" for s in meshes.REGISTRY.values())
+    strategies = "\n".join(f"  {s.name:<20} {s.description}" for s in meshes.LAYOUTS.values())
     parser = argparse.ArgumentParser(
         prog="python -m experiments.run",
         description=__doc__,
@@ -47,7 +47,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command")
     compare = commands.add_parser("compare", help="the layout table (default)")
     _common(compare)
-    compare.add_argument("--strategies", default=",".join(meshes.REGISTRY), help="comma-separated")
+    compare.add_argument(
+        "--strategies",
+        default=",".join(meshes.LAYOUTS),
+        help="comma-separated; ma_separation:A+X[/R] for another sub-mesh split",
+    )
+    compare.add_argument(
+        "--transfer-bits",
+        type=int,
+        default=0,
+        choices=(0, 8),
+        help="ma_separation: hidden states cross between the meshes as int8 (8) or not (0)",
+    )
     compare.add_argument("--json", type=Path, help="also write the results here as JSON")
     compare.add_argument("--seed", type=int, default=0)
 

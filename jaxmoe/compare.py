@@ -18,12 +18,14 @@ from jaxmoe.analysis.memory import memory_per_device
 from jaxmoe.config import ModelConfig
 from jaxmoe.placement import (
     Placement,
+    abstract_model,
     forward,
     init_params,
     param_bytes_per_device,
     param_bytes_total,
     place,
 )
+from jaxmoe.separation import INTER_MESH, Separated, Separation, cost
 from jaxmoe.sharding import Strategy
 
 
@@ -40,6 +42,7 @@ class LayoutReport:
     param_bytes_per_device: int
     param_bytes_total: int
     memory: dict[str, int]
+    details: dict | None = None  # a layout's own figures (two sub-meshes: per mesh, transfers)
 
     @property
     def bytes_per_layer(self) -> float:
@@ -70,10 +73,10 @@ class LayoutReport:
             "param_bytes_per_device": self.param_bytes_per_device,
             "param_bytes_total": self.param_bytes_total,
             "memory_per_device": self.memory,
-        }
+        } | (self.details or {})
 
 
-def textbook_per_layer(cfg: ModelConfig, strategy: Strategy) -> float:
+def textbook_per_layer(cfg: ModelConfig, strategy: Strategy | Separation) -> float:
     """Mean over layers of the strategy's textbook bytes per device."""
     volume = strategy.textbook_bytes(cfg)
     return (cfg.n_dense_layers * volume["dense"] + cfg.n_moe_layers * volume["moe"]) / cfg.n_layers
@@ -117,7 +120,7 @@ def analyse(placement: Placement, compiled: jax.stages.Compiled) -> dict:
 
 def compare_strategies(
     cfg: ModelConfig,
-    strategies: Sequence[Strategy],
+    strategies: Sequence[Strategy | Separation],
     devices: Sequence[jax.Device],
     seed: int = 0,
 ) -> list[LayoutReport]:
@@ -125,20 +128,98 @@ def compare_strategies(
 
     All strategies are checked against the config (one-line ConfigError) before any compiling.
     """
-    placements = [place(cfg, s, devices) for s in strategies]
+    layouts = [
+        Separated(cfg, s, devices) if isinstance(s, Separation) else place(cfg, s, devices)
+        for s in strategies
+    ]
     graphdef, state = init_params(cfg, seed)
     tokens = random_tokens(cfg, seed + 1)
     reference = np.asarray(jax.jit(forward(graphdef))(state, tokens))
     scale = float(np.max(np.abs(reference[..., : cfg.vocab_size])))
     reports = []
-    for placement in placements:
-        compiled = compile_forward(placement)
-        logits = compiled(placement.put(state), jax.device_put(tokens, placement.token_sharding))
+    for layout in layouts:
+        if isinstance(layout, Separated):
+            logits, analysis = separated_forward(layout, state, tokens)
+        else:
+            compiled = compile_forward(layout)
+            logits = compiled(layout.put(state), jax.device_put(tokens, layout.token_sharding))
+            analysis = analyse(layout, compiled)
         err = float(jnp.max(jnp.abs(logits - reference)))
-        reports.append(
-            LayoutReport(max_abs_err=err, logits_scale=scale, **analyse(placement, compiled))
-        )
+        reports.append(LayoutReport(max_abs_err=err, logits_scale=scale, **analysis))
     return reports
 
 
-__all__ = ["LayoutReport", "analyse", "compare_strategies", "compile_forward"]
+def separated_forward(run: Separated, state, tokens) -> tuple[np.ndarray, dict]:
+    """The forward pass with attention and experts on two sub-meshes, and what it does.
+
+    Collectives per layer come from the compiled attention and expert programs (per micro-batch,
+    times the micro-batches); the transfers between the meshes from what the pass moved. Counts
+    are what one device of the mesh issuing them does; bytes are averaged over all the devices
+    (attention devices send the all-reduces, expert devices the all-to-alls, both the transfers),
+    as is the textbook volume they are held against.
+    """
+    cfg, sep = run.cfg, run.sep
+    run.moved.clear()
+    logits = run.forward(run.put(state), tokens)
+    moved = {k: v / cfg.n_layers for k, v in run.moved.items()}
+    pieces = cost.compile_pieces(run, "forward")
+    calls = sep.micro_batches * cfg.n_blocks  # each piece runs this often in one pass
+    by_mesh, collectives = {}, []
+    for mesh, strategy in (("attention", sep.attention), ("experts", sep.experts)):
+        inv = inventory(
+            pieces["attend" if mesh == "attention" else "experts"].as_text(), strategy.axis_sizes
+        )
+        collectives += [
+            dataclasses.replace(c, executions=c.executions * calls) for c in inv.collectives
+        ]
+        by_mesh[mesh] = {
+            k: (t.count * calls / cfg.n_layers, t.bytes * calls / cfg.n_layers)
+            for k, t in inv.by_kind().items()
+        }
+    a, x = sep.attention.n_devices, sep.experts.n_devices
+    per_layer = {}
+    for kind, (count_a, bytes_a) in by_mesh["attention"].items():
+        count_x, bytes_x = by_mesh["experts"][kind]
+        if count_a + count_x:
+            per_layer[kind] = (count_a + count_x, (a * bytes_a + x * bytes_x) / (a + x))
+    crossing = sum(moved.get(k, 0.0) for k in INTER_MESH)
+    calls_per_layer = sep.micro_batches * cfg.n_moe_layers / cfg.n_layers
+    per_layer["transfer"] = (2.0 * calls_per_layer, crossing / (a + x))
+    per_layer["fanout"] = (calls_per_layer, moved.get("fanout", 0.0) / (a + x))
+    params = run.abstract_params()
+    held = {
+        "attention": cost.shard_bytes((params.outer, params.attention)),
+        "experts": cost.shard_bytes(params.experts),
+    }
+    textbook = sep.transfer_bytes(cfg) * 2 * cfg.n_moe_layers / cfg.n_layers
+    details = {
+        "separation": {
+            "attention_mesh": sep.attention.axis_sizes,
+            "expert_mesh": sep.experts.axis_sizes,
+            "micro_batches": sep.micro_batches,
+            "transfer_bits": sep.transfer_bits,
+            "heads": sep.padding(cfg),
+            "collectives_per_layer_by_mesh": {
+                mesh: {k: {"count": c, "bytes_per_device": b} for k, (c, b) in per.items() if c}
+                for mesh, per in by_mesh.items()
+            },
+            "moved_per_layer": moved,
+            "transfer_bytes_per_layer": crossing,
+            "transfer_textbook_bytes_per_layer": textbook,
+            "transfer_vs_textbook": crossing / textbook if textbook else None,
+            "param_bytes_per_device_by_mesh": held,
+        }
+    }
+    mesh = {"attention": sep.attention.axis_sizes, "experts": sep.experts.axis_sizes}
+    return logits, {
+        "strategy": sep.name,
+        "mesh": mesh,
+        "inventory": Inventory(tuple(collectives)),
+        "per_layer": per_layer,
+        "textbook_bytes_per_layer": textbook_per_layer(cfg, sep),
+        "bubble_fraction": 0.0,
+        "param_bytes_per_device": max(held.values()),
+        "param_bytes_total": param_bytes_total(abstract_model(cfg)[1]),
+        "memory": cost.memory(run, pieces, "forward"),
+        "details": details,
+    }

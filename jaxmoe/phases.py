@@ -22,6 +22,8 @@ from jaxmoe.analysis.roofline import Bound, program_bound
 from jaxmoe.config import ModelConfig
 from jaxmoe.inference import Decoder, compile_phases, decoder
 from jaxmoe.placement import abstract_model, init_params, place
+from jaxmoe.separation import Separated, Separation, cost
+from jaxmoe.separation.cost import SeparatedBound
 from jaxmoe.sharding import Strategy
 from jaxmoe.timer import Timing, time_calls
 
@@ -33,7 +35,7 @@ class PhaseCost:
     phase: Phase
     batch: int  # sequences per call
     tokens: int  # tokens per call: batch x seq_len for prefill, batch for decode
-    bound: Bound
+    bound: Bound | SeparatedBound
     memory: dict[str, int]  # XLA's memory analysis, bytes per device
     measured: Timing | None = None  # seconds per call on the devices at hand
 
@@ -54,7 +56,7 @@ class Measure:
 
 def phase_costs(
     cfg: ModelConfig,
-    strategy: Strategy | None,
+    strategy: Strategy | Separation | None,
     devices: Sequence[jax.Device],
     hw: Hardware,
     *,
@@ -63,6 +65,8 @@ def phase_costs(
 ) -> list[PhaseCost]:
     """Prefill and decode under `strategy` (None: one device). Without `measure` nothing is
     allocated: the programs are compiled on abstract parameters and caches."""
+    if isinstance(strategy, Separation):
+        return separated_costs(cfg, strategy, devices, hw, prefill_batch, measure)
     costs = []
     for phase, batch in (("prefill", prefill_batch), ("decode", cfg.batch)):
         sized = cfg.replace(batch=batch)
@@ -81,6 +85,55 @@ def phase_costs(
             )
         )
     return costs
+
+
+def separated_costs(
+    cfg: ModelConfig,
+    sep: Separation,
+    devices: Sequence[jax.Device],
+    hw: Hardware,
+    prefill_batch: int,
+    measure: Measure | None,
+) -> list[PhaseCost]:
+    """Prefill and decode with attention and experts on two sub-meshes: the bound composed from
+    the compiled pieces (`separation.cost`), and memory per device on the busier mesh."""
+    costs = []
+    for phase, batch in (("prefill", prefill_batch), ("decode", cfg.batch)):
+        run = Separated(cfg.replace(batch=batch), sep, devices)
+        pieces = cost.compile_pieces(run, phase)
+        timing = None if measure is None else _time_separated(phase, run, measure)
+        costs.append(
+            PhaseCost(
+                phase=phase,
+                batch=batch,
+                tokens=batch * (cfg.seq_len if phase == "prefill" else 1),
+                bound=cost.separated_bound(run, pieces, hw, phase),
+                memory=cost.memory(run, pieces, phase),
+                measured=timing,
+            )
+        )
+    return costs
+
+
+def _time_separated(phase: Phase, run: Separated, measure: Measure) -> Timing:
+    cfg = run.cfg
+    params = run.put(init_params(cfg, 0)[1])
+    tokens = jax.random.randint(
+        jax.random.key(measure.seed), (cfg.batch, cfg.seq_len), 0, cfg.vocab_size, jnp.int32
+    )
+    if phase == "prefill":
+        return time_calls(
+            lambda cache: run.extend(params, tokens, cache, 0),
+            warmup=measure.warmup,
+            iters=measure.iters,
+            setup=lambda: (run.new_cache(),),
+        )
+    cache = run.new_cache()
+    return time_calls(
+        lambda: run.extend(params, tokens[:, -1:], cache, cfg.seq_len - 1),
+        warmup=measure.warmup,
+        iters=measure.iters,
+    )
 
 
 def _decoder(cfg, strategy, devices, *, allocate: bool) -> tuple[Decoder, object]:

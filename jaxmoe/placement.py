@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxmoe.axes import Axis
 from jaxmoe.config import ModelConfig
 from jaxmoe.model import Transformer, loss_fn
-from jaxmoe.sharding import Strategy, activation_layout, check_divisible, param_shardings
+from jaxmoe.sharding import Strategy, check_divisible, laid_out_jit, param_shardings
 
 TOKENS = (Axis.BATCH, Axis.SEQ)  # [B, S]
 
@@ -53,12 +53,7 @@ class Placement:
 
     def jit(self, fn: Callable, **kwargs) -> Callable:
         """`jax.jit` of `fn`, traced with this strategy's activation constraints in force."""
-
-        def laid_out(*args):
-            with activation_layout(self.mesh, self.strategy):
-                return fn(*args)
-
-        return jax.jit(laid_out, **kwargs)
+        return laid_out_jit(self.mesh, self.strategy, fn, **kwargs)
 
 
 def abstract_model(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:

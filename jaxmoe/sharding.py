@@ -138,6 +138,16 @@ def activation_layout(mesh: Mesh, strategy: Strategy) -> Iterator[None]:
         _LAYOUT.reset(token)
 
 
+def laid_out_jit(mesh: Mesh, strategy: Strategy, fn: Callable, **kwargs) -> Callable:
+    """`jax.jit` of `fn`, traced with `strategy`'s activation constraints on `mesh` in force."""
+
+    def laid_out(*args):
+        with activation_layout(mesh, strategy):
+            return fn(*args)
+
+    return jax.jit(laid_out, **kwargs)
+
+
 def run_layers(
     step: Callable, x: jax.Array, per_block: Any, cache: Any, cfg: ModelConfig
 ) -> tuple[jax.Array, Any, Any]:
@@ -176,7 +186,7 @@ def param_shardings(state: nnx.State, mesh: Mesh, strategy: Strategy) -> nnx.Sta
 
 
 # ---- divisibility, checked before anything is compiled --------------------------------------
-def _split_sizes(cfg: ModelConfig) -> dict[Axis, tuple[int, str]]:
+def split_sizes(cfg: ModelConfig) -> dict[Axis, tuple[int, str]]:
     """Each logical axis's size in this config and the field (or fields) that set it."""
     sizes = {
         Axis.BATCH: (cfg.batch, "batch"),
@@ -203,7 +213,7 @@ def _split_sizes(cfg: ModelConfig) -> dict[Axis, tuple[int, str]]:
 def check_divisible(cfg: ModelConfig, strategy: Strategy) -> None:
     """Raise a one-line ConfigError for any size this strategy splits unevenly."""
     strategy.check(cfg)
-    for logical, (size, field) in _split_sizes(cfg).items():
+    for logical, (size, field) in split_sizes(cfg).items():
         factor = strategy.split_factor(logical)
         if size % factor:
             mesh_axes = "x".join(strategy.rules[logical])

@@ -1,8 +1,9 @@
 """Strategies: where the model runs. One module per strategy, registered here by name."""
 
 from jaxmoe.config import ConfigError
+from jaxmoe.separation import Separation
 from jaxmoe.sharding import Strategy
-from meshes import ep16, heads_dims, single, tp8_pp2, tp16
+from meshes import ep16, heads_dims, ma_separation, single, tp8_pp2, tp16
 from meshes.axes import MeshAxis
 
 REGISTRY: dict[str, Strategy] = {
@@ -16,19 +17,25 @@ REGISTRY: dict[str, Strategy] = {
     )
 }
 
+# layouts over two sub-meshes, joined by transfers (not one SPMD program)
+SEPARATIONS: dict[str, Separation] = {ma_separation.NAME: ma_separation.separation()}
+LAYOUTS: dict[str, Strategy | Separation] = REGISTRY | SEPARATIONS
 
 ONE_DEVICE = single.STRATEGY  # the reference, outside the registry
 
 
-def get(name: str) -> Strategy:
-    """A registered strategy, or `one_device`."""
+def get(name: str) -> Strategy | Separation:
+    """A registered strategy, `one_device`, or `ma_separation[:A+X[/R]]`."""
     if name == ONE_DEVICE.name:
         return ONE_DEVICE
+    if name.split(":")[0] == ma_separation.NAME:
+        return ma_separation.parse(name)
     if name not in REGISTRY:
         raise ConfigError(
-            f"unknown strategy {name!r}; choose from {', '.join(REGISTRY)} (or {ONE_DEVICE.name})"
+            f"unknown strategy {name!r}; choose from {', '.join(LAYOUTS)} "
+            f"(or {ONE_DEVICE.name}, {ma_separation.NAME}:A+X)"
         )
     return REGISTRY[name]
 
 
-__all__ = ["ONE_DEVICE", "REGISTRY", "MeshAxis", "get"]
+__all__ = ["LAYOUTS", "ONE_DEVICE", "REGISTRY", "SEPARATIONS", "MeshAxis", "get"]

@@ -9,3 +9,4 @@ class MeshAxis(StrEnum):
     EXPERT = "expert"
     HEADS = "heads"
     DIMS = "dims"
+    REPLICA = "replica"

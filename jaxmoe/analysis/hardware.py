@@ -50,6 +50,17 @@ class Hardware:
         group = max(c.groups, key=len) if c.groups else (0,)
         return self._group_seconds(c.kind, c.operand_bytes, group)
 
+    def transfer_seconds(
+        self, size: float, senders: Sequence[int], receivers: Sequence[int]
+    ) -> float:
+        """Seconds to move `size` bytes spread evenly from the `senders` to the `receivers`
+        (GPU indices), each GPU's link carrying its share: NVLink when every receiver shares a
+        node with a sender, the network otherwise."""
+        sender_nodes = {d // self.per_node for d in senders}
+        local = all(d // self.per_node in sender_nodes for d in receivers)
+        link = self.nvlink_bandwidth if local else self.network_bandwidth
+        return size / min(len(senders), len(receivers)) / link
+
     def _group_seconds(self, kind: str, size: float, group: Sequence[int]) -> float:
         n = len(group)
         if n <= 1:

@@ -86,9 +86,17 @@ def bound(flops: float, hbm_bytes: float, collectives, hw: Hardware, dtype: str)
     )
 
 
-def program_bound(compiled, axis_sizes: dict[str, int], hw: Hardware, dtype: str) -> Bound:
-    """The bound of a compiled program (`jax.stages.Compiled`) laid over a mesh of these axes."""
+def program_bound(
+    compiled, axis_sizes: dict[str, int], hw: Hardware, dtype: str, first_device: int = 0
+) -> Bound:
+    """The bound of a compiled program (`jax.stages.Compiled`) laid over a mesh of these axes,
+    whose devices are the profile's GPUs `first_device`, `first_device + 1`, ... (a sub-mesh
+    further along the machine has its collectives timed on the nodes it really spans)."""
     text = compiled.as_text()
     mem = memory_per_device(compiled)
     compulsory = mem["arguments"] + mem["outputs"] - mem["aliased"]
-    return bound(matmul_flops(text), compulsory, inventory(text, axis_sizes).collectives, hw, dtype)
+    collectives = [
+        dataclasses.replace(c, groups=tuple(tuple(d + first_device for d in g) for g in c.groups))
+        for c in inventory(text, axis_sizes).collectives
+    ]
+    return bound(matmul_flops(text), compulsory, collectives, hw, dtype)

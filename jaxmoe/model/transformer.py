@@ -36,17 +36,18 @@ class DenseLayer(nnx.Module):
 
 
 class MoeLayer(nnx.Module):
+    """Attention then experts. `attend` is the first half alone (a layout that runs the experts
+    elsewhere calls it, then `moe` on the normalised states it returns)."""
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.norm_attn, self.attn = RMSNorm(cfg), Attention(cfg, rngs)
         self.norm_moe, self.moe = RMSNorm(cfg), Moe(cfg, rngs)
 
-    def __call__(
-        self, x: jax.Array, kv: KV | None, pos, dropout_key: jax.Array | None, first_row
-    ) -> tuple[jax.Array, dict, KV | None]:
+    def attend(self, x: jax.Array, kv: KV | None, pos) -> tuple[jax.Array, jax.Array, KV | None]:
+        """x -> (x after attention, the experts' normalised input, the cache)."""
         y, kv = self.attn(self.norm_attn(x), kv, pos)
         x = x + y
-        y, stats = self.moe(self.norm_moe(x), dropout_key, first_row)
-        return constrain(x + y, RESIDUAL), stats, kv
+        return x, self.norm_moe(x), kv
 
 
 class Block(nnx.Module):
@@ -67,16 +68,27 @@ class Block(nnx.Module):
     ) -> tuple[jax.Array, dict, tuple[KV, ...] | None]:
         """`cache`: one KV per layer of the block, in order (None: no cache); x holds rows
         first_row.. of the batch."""
+        x, h, cache = self.attend(x, cache, pos)
+        if h is None:
+            return x, {}, cache
+        y, stats = self.moe.moe(h, dropout_key, first_row)
+        return constrain(x + y, RESIDUAL), stats, cache
+
+    def attend(
+        self, x: jax.Array, cache: tuple[KV, ...] | None, pos
+    ) -> tuple[jax.Array, jax.Array | None, tuple[KV, ...] | None]:
+        """Everything of the block but the experts: its dense layers and the MoE layer's attention.
+        Returns (x, the experts' normalised input [B, S, D] or None in a dense block, cache)."""
         n_layers = len(self.dense) + (self.moe is not None)
         kvs = (None,) * n_layers if cache is None else cache
-        new, stats = [], {}
+        new, h = [], None
         for layer, kv in zip(self.dense, kvs, strict=False):
             x, _, kv = layer(x, kv, pos)
             new.append(kv)
         if self.moe is not None:
-            x, stats, kv = self.moe(x, kvs[-1], pos, dropout_key, first_row)
+            x, h, kv = self.moe.attend(x, kvs[-1], pos)
             new.append(kv)
-        return x, stats, None if cache is None else tuple(new)
+        return x, h, None if cache is None else tuple(new)
 
 
 def init_cache(cfg: ModelConfig, batch: int) -> tuple[KV, ...]:
@@ -117,13 +129,13 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, dict]:
         """tokens: [B, S] int -> (logits [B, S, V] float32, routing sums per MoE layer)."""
         x, stats = self.features(tokens, dropout_key)
-        return self._logits(x), stats
+        return self.logits(x), stats
 
     def features(
         self, tokens: jax.Array, dropout_key: jax.Array | None = None
     ) -> tuple[jax.Array, dict]:
         """tokens: [B, S] int -> (the LM head's normalised inputs [B, S, D], routing sums)."""
-        x, stats, _ = self._layers(self._embed(tokens, 0), dropout_key, None, 0)
+        x, stats, _ = self._layers(self.embed_tokens(tokens, 0), dropout_key, None, 0)
         with jax.named_scope("lm_head"):
             return self.final_norm(x), stats
 
@@ -131,10 +143,11 @@ class Transformer(nnx.Module):
         self, tokens: jax.Array, cache: tuple[KV, ...], pos: jax.Array | int
     ) -> tuple[jax.Array, tuple[KV, ...]]:
         """tokens [B, S] at positions pos.. -> (logits of the last one [B, V], updated cache)."""
-        x, _, cache = self._layers(self._embed(tokens, pos), None, cache, pos)
-        return self._logits(self.final_norm(x[:, -1:]))[:, 0], cache
+        x, _, cache = self._layers(self.embed_tokens(tokens, pos), None, cache, pos)
+        return self.logits(self.final_norm(x[:, -1:]))[:, 0], cache
 
-    def _embed(self, tokens: jax.Array, pos: jax.Array | int) -> jax.Array:
+    def embed_tokens(self, tokens: jax.Array, pos: jax.Array | int) -> jax.Array:
+        """tokens [B, S] at positions pos.. -> the first block's input [B, S, D]."""
         with jax.named_scope("embed"):
             positions = jax.lax.dynamic_slice_in_dim(self.pos_embed[...], pos, tokens.shape[1])
             x = jnp.take(self.embed[...], tokens, axis=0) + positions
@@ -151,7 +164,7 @@ class Transformer(nnx.Module):
 
         return run_layers(step, x, (block_state, keys), cache, cfg)  # stats: [L_moe, ...] each
 
-    def _logits(self, x: jax.Array) -> jax.Array:
+    def logits(self, x: jax.Array) -> jax.Array:
         """x: the normalised features [B, S, D] -> logits [B, S, V] float32."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         with jax.named_scope("lm_head"):
@@ -161,6 +174,14 @@ class Transformer(nnx.Module):
             vocab_ids = jnp.arange(cfg.padded_vocab)
             logits = jnp.where(vocab_ids < cfg.vocab_size, logits, PADDING)
             return constrain(logits, LOGITS)
+
+    def token_loss(self, x: jax.Array, targets: jax.Array) -> jax.Array:
+        """x: the normalised features [B, S, D], targets [B, S] -> mean next-token cross-entropy
+        (the fused, chunked LM head: no [B, S, V] logits are held)."""
+        cfg = self.cfg
+        with jax.named_scope("lm_head"):
+            unembed = self.unembed[...].astype(cfg.compute_dtype)
+            return cross_entropy(x, unembed, targets, cfg.vocab_size, cfg.loss_chunk_tokens)
 
 
 def loss_fn(
@@ -172,14 +193,23 @@ def loss_fn(
     """Next-token cross-entropy plus the weighted router losses; returns (loss, metrics)."""
     cfg = model.cfg
     x, stats = model.features(inputs, dropout_key)
-    with jax.named_scope("lm_head"):
-        unembed = model.unembed[...].astype(cfg.compute_dtype)
-        ce = cross_entropy(x, unembed, targets, cfg.vocab_size, cfg.loss_chunk_tokens)
+    ce = model.token_loss(x, targets)
     metrics = {"ce_loss": ce}
     loss = metrics["ce_loss"]
-    if cfg.is_moe:  # each router metric averaged over the MoE layers
-        metrics |= jax.tree.map(lambda m: jnp.mean(m, axis=0), router_metrics(stats))
-        loss = loss + cfg.router_aux_coef * metrics["load_balance_loss"]
-        loss = loss + cfg.router_z_coef * metrics["router_z_loss"]
+    if cfg.is_moe:
+        router = router_losses(cfg, stats)
+        metrics |= router
+        loss = loss + router["router_loss"]
     metrics["loss"] = loss
     return loss, metrics
+
+
+def router_losses(cfg: ModelConfig, stats: dict) -> dict:
+    """Each router metric averaged over the MoE layers (`stats`: routing sums [L_moe, ...]),
+    and `router_loss`, their weighted sum that joins the training loss."""
+    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), router_metrics(stats))
+    metrics["router_loss"] = (
+        cfg.router_aux_coef * metrics["load_balance_loss"]
+        + cfg.router_z_coef * metrics["router_z_loss"]
+    )
+    return metrics

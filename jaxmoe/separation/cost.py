@@ -1,0 +1,216 @@
+"""What a separated layout costs: its pieces compiled on abstract inputs, their roofline bounds
+composed into the bound of a whole call, and memory per device on each mesh.
+
+One call runs, per micro-batch, the embedding and the LM head on the attention mesh and, per block,
+attention (attention mesh), a transfer, experts (expert mesh) and a transfer back. Each piece's
+bound comes from its compiled program (`roofline.program_bound`); transfers are timed on the links
+between the meshes' GPUs (`Hardware.transfer_seconds`). Composed:
+
+- serial: every piece one after another (nothing overlapped, each piece's own serial bound);
+- overlapped: the largest of what each resource must do in all (attention mesh, expert mesh,
+  links), each plus the least the others must do before it can start and after it ends, and the
+  chain one micro-batch must go through alone (ping-pong hides nothing of it).
+
+At decode every micro-batch's expert piece reads all the expert weights again: with more
+micro-batches the expert mesh's total grows, and the bound says when splitting costs more than it
+hides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxmoe.analysis.hardware import Hardware
+from jaxmoe.analysis.memory import memory_per_device
+from jaxmoe.analysis.roofline import Bound, program_bound
+from jaxmoe.model import KV
+from jaxmoe.separation.runner import Separated
+
+PHASES = ("forward", "prefill", "decode")
+
+
+def _like(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def crossing(run: Separated, shape: tuple, sharding) -> object:
+    """Abstract [rows, S, D] states as they cross between the meshes (quantised or not)."""
+    if run.sep.transfer_bits:
+        return (
+            _like(shape, jnp.int8, sharding),
+            _like((*shape[:-1], 1), jnp.float32, sharding),
+        )
+    return _like(shape, run.cfg.compute_dtype, sharding)
+
+
+def compile_pieces(run: Separated, phase: str) -> dict[str, jax.stages.Compiled]:
+    """The programs one call of `phase` runs, each compiled once on abstract inputs: `embed`,
+    `attend` (a block after the first), `experts` and `head`, for one micro-batch."""
+    cfg, prog = run.cfg, run.programs
+    params = run.abstract_params()
+    seq = 1 if phase == "decode" else cfg.seq_len
+    shape = (run.rows, seq, cfg.d_model)
+    x = _like(shape, cfg.compute_dtype, run.residual)
+    y = crossing(run, shape, run.residual)
+    h = crossing(run, shape, run.at_experts)
+    tokens = _like((run.rows, seq), jnp.int32, run.tokens)
+    pos = jax.ShapeDtypeStruct((), jnp.int32)
+    cache = None
+    if phase != "forward":
+        one = _like(run.kv_shape(), cfg.compute_dtype, run.cache_sharding)
+        cache = tuple(KV(one, one) for _ in range(cfg.layers_per_block))
+    head = prog.logits if phase == "forward" else prog.last_logits
+    return {
+        "embed": prog.embed.lower(params.outer, tokens, pos).compile(),
+        "attend": prog.attend.lower(params.attention[0], x, y, cache, pos).compile(),
+        "experts": prog.experts.lower(params.experts[0], h, None, 0).compile(),
+        "head": head.lower(params.outer, x, y).compile(),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class SeparatedBound:
+    """Seconds per call, composed from the pieces' bounds (see the module docstring)."""
+
+    pieces: dict[str, Bound]  # per micro-batch: embed, attend (per block), experts, head
+    transfer_s: dict[str, float]  # per micro-batch and block: to_experts, to_attention, fanout
+    blocks: int
+    micro_batches: int
+
+    def _totals(self, serial: bool) -> dict[str, float]:
+        n, m = self.blocks, self.micro_batches
+        t = {k: (b.serial_s if serial else b.overlapped_s) for k, b in self.pieces.items()}
+        link = sum(self.transfer_s.values())
+        return {
+            "attention": m * (t["embed"] + n * t["attend"] + t["head"]),
+            "experts": n * m * t["experts"],
+            "links": n * m * link,
+            "chain": t["embed"] + n * (t["attend"] + link + t["experts"]) + t["head"],
+            "first": t["embed"] + t["attend"] + self.transfer_s["to_experts"],
+            "last": self.transfer_s["to_attention"] + self.transfer_s["fanout"] + t["head"],
+            "expert_piece": t["experts"],
+            "attend_piece": t["attend"],
+        }
+
+    def _paths(self) -> dict[str, float]:
+        t = self._totals(serial=False)
+        return {
+            "attention mesh": t["attention"] + t["expert_piece"],
+            "expert mesh": t["first"] + t["experts"] + t["last"],
+            "links": t["links"] + t["attend_piece"] + t["expert_piece"],
+            "one micro-batch's chain": t["chain"],
+        }
+
+    @property
+    def overlapped_s(self) -> float:
+        return max(self._paths().values())
+
+    @property
+    def serial_s(self) -> float:
+        t = self._totals(serial=True)
+        return t["attention"] + t["experts"] + t["links"]
+
+    @property
+    def limit(self) -> str:
+        paths = self._paths()
+        which = max(paths, key=paths.get)
+        piece = {"attention mesh": "attend", "expert mesh": "experts"}.get(which)
+        return f"{which}: {self.pieces[piece].limit}" if piece else which
+
+    def summary(self) -> dict:
+        totals = self._totals(serial=False)
+        return {
+            "overlapped_s": self.overlapped_s,
+            "serial_s": self.serial_s,
+            "limit": self.limit,
+            "attention_mesh_s": totals["attention"],
+            "expert_mesh_s": totals["experts"],
+            "links_s": totals["links"],
+            "paths_s": self._paths(),
+            "micro_batches": self.micro_batches,
+            "pieces": {k: b.summary() for k, b in self.pieces.items()},
+            "transfer_s_per_piece": self.transfer_s,
+        }
+
+
+def separated_bound(
+    run: Separated, pieces: dict[str, jax.stages.Compiled], hw: Hardware, phase: str
+) -> SeparatedBound:
+    cfg, sep = run.cfg, run.sep
+    a, x = sep.attention.n_devices, sep.experts.n_devices
+    attention_devices, expert_devices = range(a), range(a, a + x)
+    sizes = {"attention": sep.attention.axis_sizes, "experts": sep.experts.axis_sizes}
+    bounds = {
+        name: program_bound(
+            c,
+            sizes["experts" if name == "experts" else "attention"],
+            hw,
+            cfg.dtype,
+            first_device=a if name == "experts" else 0,
+        )
+        for name, c in pieces.items()
+    }
+    tokens = run.rows * (1 if phase == "decode" else cfg.seq_len)
+    size = sep.transfer_bytes(cfg, tokens)
+    landing = [r * sep.group_size for r in range(sep.replicas)]
+    per_group = size / sep.replicas
+    fanout = [
+        hw.transfer_seconds(per_group, [g], range(g + 1, g + sep.group_size))
+        for g in landing
+        if sep.group_size > 1
+    ]
+    transfers = {
+        "to_experts": hw.transfer_seconds(size, attention_devices, expert_devices),
+        "to_attention": hw.transfer_seconds(size, expert_devices, landing),
+        "fanout": max(fanout, default=0.0),
+    }
+    return SeparatedBound(bounds, transfers, cfg.n_blocks, sep.micro_batches)
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of these abstract arrays, from their shardings."""
+    return sum(
+        math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree)
+    )
+
+
+def memory(run: Separated, pieces: dict[str, jax.stages.Compiled], phase: str) -> dict[str, int]:
+    """Bytes per device on each mesh: parameters, KV cache (all blocks and micro-batches), the
+    states kept between pieces, and the largest temporaries of the mesh's programs; `total` is
+    the larger mesh's."""
+    cfg, sep, params = run.cfg, run.sep, run.abstract_params()
+    seq = 1 if phase == "decode" else cfg.seq_len
+    states = (run.rows, seq, cfg.d_model)
+
+    def kept(sharding):  # the states between pieces: x and y per micro-batch, or h and y
+        per = math.prod(sharding.shard_shape(states)) * cfg.compute_dtype.itemsize
+        return 2 * sep.micro_batches * per
+
+    cache = 0
+    if phase != "forward":
+        one = _like(run.kv_shape(), cfg.compute_dtype, run.cache_sharding)
+        cache = 2 * shard_bytes(one) * cfg.layers_per_block * cfg.n_blocks * sep.micro_batches
+
+    def temporaries(names):
+        return max(memory_per_device(pieces[n])["temporaries"] for n in names)
+
+    attention = {
+        "parameters": shard_bytes((params.outer, params.attention)),
+        "cache": cache,
+        "states": kept(run.residual),
+        "temporaries": temporaries(("embed", "attend", "head")),
+    }
+    experts = {
+        "parameters": shard_bytes(params.experts),
+        "cache": 0,
+        "states": kept(run.at_experts),
+        "temporaries": temporaries(("experts",)),
+    }
+    totals = {"attention": sum(attention.values()), "experts": sum(experts.values())}
+    out = {f"attention_{k}": v for k, v in attention.items()}
+    out |= {f"experts_{k}": v for k, v in experts.items()}
+    return out | {f"{k}_total": v for k, v in totals.items()} | {"total": max(totals.values())}

@@ -1,0 +1,249 @@
+"""A model run separated over two meshes: forward pass, training gradients, inference with a cache.
+
+Every block, for every micro-batch in turn: attention on the attention mesh, the experts' input
+moved to the expert mesh, experts, their output moved back. Dispatch is asynchronous, so while
+the expert mesh works on micro-batch m the attention mesh already runs micro-batch m + 1 (the
+ping-pong); `Timeline` records when each program finishes, to show it.
+
+What crosses between the meshes is counted as it is moved (`moved`, bytes per kind, from the
+shardings of the arrays each `device_put` makes): `to_experts` and `to_attention` cross between
+the meshes, `fanout` stays inside the attention mesh. The way back lands on one device per
+replica group (each token crosses once) and is then copied to the group's other devices, whose
+head slices all need the whole hidden state.
+
+The backward pass runs the blocks in reverse, each piece's backward program recomputing its
+forward pass from the inputs saved at its boundary (see `programs`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.inference import Decoder
+from jaxmoe.model import KV
+from jaxmoe.model.attention import CORE, RESIDUAL
+from jaxmoe.placement import TOKENS, abstract_model
+from jaxmoe.separation import params as sp
+from jaxmoe.separation.layout import Separation
+from jaxmoe.separation.programs import Programs
+from jaxmoe.separation.timeline import Timeline
+from jaxmoe.sharding import param_shardings
+
+INTER_MESH = ("to_experts", "to_attention")
+
+
+@functools.lru_cache(maxsize=256)
+def _crossing(src: frozenset, dst: NamedSharding, shape: tuple, itemsize: int) -> int:
+    """Bytes a device_put to `dst` writes on devices outside `src` (one shard per device)."""
+    per_device = math.prod(dst.shard_shape(shape)) * itemsize
+    return per_device * len(dst.device_set - src)
+
+
+class Separated:
+    def __init__(self, cfg: ModelConfig, sep: Separation, devices: Sequence[jax.Device]):
+        sep.check(cfg, len(devices))
+        self.cfg, self.sep = cfg, sep
+        self.attn_mesh, self.exp_mesh = sep.make_meshes(devices)
+        self.pieces = sp.parts(cfg, sep)
+        attn = sep.attention_strategy(cfg)
+        n = cfg.n_blocks
+        self.shardings = sp.SepParams(
+            param_shardings(self.pieces.outer[1], self.attn_mesh, attn),
+            (param_shardings(self.pieces.attention[1], self.attn_mesh, attn),) * n,
+            (param_shardings(self.pieces.experts[1], self.exp_mesh, sep.experts),) * n,
+        )
+        self.programs = Programs(cfg, sep, self.pieces, self.attn_mesh, self.exp_mesh)
+        self.at_experts = NamedSharding(self.exp_mesh, sep.experts.spec(RESIDUAL))
+        landing = Mesh(self.attn_mesh.devices[:, :1], self.attn_mesh.axis_names)
+        self.landing = NamedSharding(landing, attn.spec(RESIDUAL))  # one device per replica
+        self.residual = NamedSharding(self.attn_mesh, attn.spec(RESIDUAL))
+        self.tokens = NamedSharding(self.attn_mesh, attn.spec(TOKENS))
+        self.cache_sharding = NamedSharding(self.attn_mesh, attn.spec(CORE))
+        self._empty_kv = jax.jit(
+            self._zeros_kv, out_shardings=KV(self.cache_sharding, self.cache_sharding)
+        )
+        self.moved: Counter[str] = Counter()
+        self.timeline: Timeline | None = None
+
+    @property
+    def rows(self) -> int:
+        """Sequences per micro-batch."""
+        return self.cfg.batch // self.sep.micro_batches
+
+    # ---- parameters --------------------------------------------------------------------------
+    def put(self, state) -> sp.SepParams:
+        """A model's state (e.g. made on one device) cut and laid out on the two meshes."""
+        return jax.device_put(sp.split(state, self.cfg, self.sep, self.pieces), self.shardings)
+
+    def abstract_params(self) -> sp.SepParams:
+        def like(a, s):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+
+        pieces = self.pieces
+        return sp.SepParams(
+            jax.tree.map(like, pieces.outer[1], self.shardings.outer),
+            tuple(jax.tree.map(like, pieces.attention[1], s) for s in self.shardings.attention),
+            tuple(jax.tree.map(like, pieces.experts[1], s) for s in self.shardings.experts),
+        )
+
+    def model_state(self, params: sp.SepParams):
+        """Separated parameters (or gradients) as the model's own state, on the host."""
+        return sp.join(params, self.cfg, self.sep, abstract_model(self.cfg)[1])
+
+    # ---- moving states between the meshes ----------------------------------------------------
+    def _move(self, x, sharding: NamedSharding, kind: str):
+        out = jax.device_put(x, sharding)
+        for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(out), strict=True):
+            src = frozenset(a.sharding.device_set)
+            self.moved[kind] += _crossing(src, sharding, b.shape, b.dtype.itemsize)
+        return out
+
+    def _to_attention(self, y):
+        return self._move(self._move(y, self.landing, "to_attention"), self.residual, "fanout")
+
+    def _note(self, mesh: str, label: str, out, after: str | None = None) -> None:
+        if self.timeline is not None:
+            self.timeline.dispatched(mesh, label, out, after)
+
+    # ---- the forward pass over the blocks ------------------------------------------------------
+    def _split_rows(self, tokens) -> list[jax.Array]:
+        tokens = np.asarray(tokens)
+        if tokens.shape[0] != self.cfg.batch:
+            raise ConfigError(
+                f"{tokens.shape[0]} sequences given but batch={self.cfg.batch}; "
+                f"set batch={tokens.shape[0]}"
+            )
+        r = self.rows
+        pieces = [tokens[m * r : (m + 1) * r] for m in range(self.sep.micro_batches)]
+        return [jax.device_put(p, self.tokens) for p in pieces]
+
+    def _blocks(self, params, xs, caches, pos, keys, saved=None):
+        """Every block on every micro-batch, layer-major (the ping-pong order). Returns the last
+        attention outputs, the last expert outputs (on the attention mesh) and routing sums
+        [block][micro-batch]; `saved` collects each piece's inputs for the backward pass."""
+        prog, xs = self.programs, list(xs)
+        ys: list = [None] * len(xs)
+        stats = []
+        for i in range(self.cfg.n_blocks):
+            row = []
+            for m in range(len(xs)):
+                x_in, y_in = xs[m], ys[m]
+                cache = None if caches is None else caches[i][m]
+                xs[m], h, cache = prog.attend(params.attention[i], x_in, y_in, cache, pos)
+                if caches is not None:
+                    caches[i][m] = cache
+                self._note("attention", f"attend {i}.{m}", xs[m], f"experts {i - 1}.{m}")
+                h = self._move(h, self.at_experts, "to_experts")
+                key = None if keys is None else keys[i]
+                y, sums = prog.experts(params.experts[i], h, key, m * self.rows)
+                self._note("experts", f"experts {i}.{m}", y, f"attend {i}.{m}")
+                ys[m] = self._to_attention(y)
+                row.append(sums)
+                if saved is not None:
+                    saved.append((i, m, x_in, y_in, h))
+            stats.append(row)
+        return xs, ys, stats
+
+    def forward(self, params: sp.SepParams, tokens) -> np.ndarray:
+        """tokens [B, S] -> logits [B, S, V] (float32, on the host)."""
+        parts = self._split_rows(tokens)
+        xs = [self.programs.embed(params.outer, t, 0) for t in parts]
+        xs, ys, _ = self._blocks(params, xs, None, 0, None)
+        logits = [self.programs.logits(params.outer, x, y) for x, y in zip(xs, ys, strict=True)]
+        return np.concatenate([np.asarray(a) for a in logits])
+
+    # ---- training ------------------------------------------------------------------------------
+    def loss_and_grads(self, params: sp.SepParams, inputs, targets, dropout_key=None):
+        """The training loss (next-token cross-entropy plus the router losses), its metrics and
+        the gradients of every separated parameter, as the one-device `loss_fn` defines them."""
+        if self.sep.transfer_bits:
+            raise ConfigError(
+                f"{self.sep.name}: 8-bit transfers are for inference; train with transfer_bits=0"
+            )
+        prog, n_micro = self.programs, self.sep.micro_batches
+        parts = self._split_rows(inputs)
+        goals = self._split_rows(targets)
+        keys = None
+        if dropout_key is not None and self.cfg.expert_dropout > 0:
+            keys = jax.random.split(dropout_key, self.cfg.n_blocks)
+        saved: list = []
+        xs = [prog.embed(params.outer, t, 0) for t in parts]
+        xs, ys, stats = self._blocks(params, xs, None, 0, keys, saved)
+        ce, g_outer, ct_x, ct_y = 0.0, None, [], []
+        for x, y, goal in zip(xs, ys, goals, strict=True):
+            loss, (g, cx, cy) = prog.head_grads(params.outer, x, y, goal, 1.0 / n_micro)
+            ce += loss
+            g_outer = g if g_outer is None else prog.add(g_outer, g)
+            ct_x.append(cx)
+            ct_y.append(cy)
+        sums = [functools.reduce(prog.add, row) for row in stats]
+        metrics, g_sums = prog.router(sums)
+
+        g_att: list = [None] * self.cfg.n_blocks
+        g_exp: list = [None] * self.cfg.n_blocks
+        for i, m, x_in, y_in, h in reversed(saved):
+            key = None if keys is None else keys[i]
+            cy = self._move(ct_y[m], self.at_experts, "to_experts")
+            g, ct_h = prog.expert_grads(params.experts[i], h, key, m * self.rows, (cy, g_sums[i]))
+            self._note("experts", f"experts' {i}.{m}", ct_h, f"attend' {i + 1}.{m}")
+            g_exp[i] = g if g_exp[i] is None else prog.add(g_exp[i], g)
+            ct_h = self._to_attention(ct_h)
+            g, ct_x[m], ct_y[m] = prog.attend_grads(
+                params.attention[i], x_in, y_in, (ct_x[m], ct_h)
+            )
+            self._note("attention", f"attend' {i}.{m}", ct_x[m], f"experts' {i}.{m}")
+            g_att[i] = g if g_att[i] is None else prog.add(g_att[i], g)
+        for t, cx in zip(parts, ct_x, strict=True):
+            g_outer = prog.add(g_outer, prog.embed_grads(params.outer, t, cx))
+
+        metrics = {k: np.asarray(v) for k, v in metrics.items()}
+        metrics["ce_loss"] = np.asarray(ce)
+        metrics["loss"] = metrics["ce_loss"] + metrics["router_loss"]
+        return metrics, sp.SepParams(g_outer, tuple(g_att), tuple(g_exp))
+
+    # ---- inference -------------------------------------------------------------------------------
+    def kv_shape(self) -> tuple[int, ...]:
+        """One layer's keys (or values) for one micro-batch: [B / M, T, padded H, K]."""
+        cfg = self.cfg
+        return (self.rows, cfg.seq_len, self.sep.padded_heads(cfg), cfg.head_dim)
+
+    def _zeros_kv(self) -> KV:
+        zeros = jnp.zeros(self.kv_shape(), self.cfg.compute_dtype)
+        return KV(zeros, zeros)
+
+    def new_cache(self) -> list[list[tuple[KV, ...]]]:
+        """An empty KV cache on the attention mesh: [block][micro-batch] -> one KV per layer."""
+        per_block = self.cfg.layers_per_block
+        return [
+            [
+                tuple(self._empty_kv() for _ in range(per_block))
+                for _ in range(self.sep.micro_batches)
+            ]
+            for _ in range(self.cfg.n_blocks)
+        ]
+
+    def extend(self, params: sp.SepParams, tokens, cache, pos):
+        """tokens [B, S] at positions pos.. -> (last position's logits [B, V], the cache)."""
+        pos = np.int32(pos)
+        xs = [self.programs.embed(params.outer, t, pos) for t in self._split_rows(tokens)]
+        xs, ys, _ = self._blocks(params, xs, cache, pos, None)
+        last = [self.programs.last_logits(params.outer, x, y) for x, y in zip(xs, ys, strict=True)]
+        return np.concatenate([np.asarray(a) for a in last]), cache
+
+    def decoder(self) -> Decoder:
+        """Greedy generation's two phases (for `inference.generate`), run separated."""
+        return Decoder(
+            self.cfg,
+            lambda params, prompt, cache: self.extend(params, prompt, cache, 0),
+            self.extend,
+            self.new_cache,
+        )

@@ -1,0 +1,108 @@
+"""ma_separation: attention and experts on two disjoint sub-meshes (paper 001, strategy D).
+
+The attention mesh (12 devices by default) is `replica` groups x `heads`: each replica group
+holds a whole copy of the attention side (embeddings, norms, attention, LM head) and runs its
+share of the batch; inside a group heads are split Megatron-style (one all-reduce after the
+output projection), unevenly when they do not divide (masked heads padded in, reported). The
+expert mesh (4 devices) is expert parallel: the experts' input arrives split by sequences, one
+all-to-all takes tokens to their experts and one brings them back, as in ep16. Per layer the
+experts' input [tokens, D] crosses to the expert mesh and their output crosses back.
+
+`separation(12, 4)` is the paper's split; `ma_separation:A+X` names another (e.g. `:8+8`,
+`:5+11`), with 2 replica groups where A is even, else 1; `ma_separation:A+X/R` sets R (the paper
+lists both a replication factor of 2 and 32 heads spread 3,3,3,3,3,3,3,3,2,2,2,2 over all 12
+attention devices, which is `ma_separation:12+4/1`).
+"""
+
+from jaxmoe.axes import Axis
+from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.separation import Separation
+from jaxmoe.sharding import Strategy
+from meshes import volumes
+from meshes.axes import MeshAxis
+
+NAME = "ma_separation"
+ATTENTION, EXPERTS, REPLICAS = 12, 4, 2
+
+
+def _attention_bytes(cfg: ModelConfig, replicas: int, group: int) -> dict[str, float]:
+    """Per attention device: one all-reduce of a replica group's [tokens, D] per attention."""
+    attention = volumes.all_reduce(volumes.activation_bytes(cfg) / replicas, group)
+    return {"dense": 2 * attention, "moe": attention}
+
+
+def _expert_bytes(cfg: ModelConfig, experts: int) -> dict[str, float]:
+    """Per expert device: the all-to-all to the experts and the one back, as in ep16."""
+    return {"dense": 0.0, "moe": 2 * volumes.all_to_all(volumes.slots_bytes(cfg), experts)}
+
+
+def separation(
+    attention: int = ATTENTION, experts: int = EXPERTS, replicas: int | None = None
+) -> Separation:
+    if attention < 1 or experts < 1:
+        raise ConfigError(
+            f"{NAME}:{attention}+{experts}: each sub-mesh needs at least one device; "
+            f"use e.g. {NAME}:12+4"
+        )
+    if replicas is None:
+        replicas = REPLICAS if attention % REPLICAS == 0 else 1
+    if attention % replicas:
+        raise ConfigError(
+            f"{NAME}: {attention} attention devices do not form {replicas} replica groups; "
+            f"choose a multiple of {replicas}"
+        )
+    group = attention // replicas
+    attn = Strategy(
+        name=f"{NAME}/attention",
+        mesh_shape=((MeshAxis.REPLICA, replicas), (MeshAxis.HEADS, group)),
+        rules={
+            Axis.BATCH: (MeshAxis.REPLICA,),
+            Axis.ATTN_BATCH: (MeshAxis.REPLICA,),
+            Axis.LM_BATCH: (MeshAxis.REPLICA,),
+            Axis.HEADS: (MeshAxis.HEADS,),
+            Axis.VOCAB: (MeshAxis.HEADS,),
+        },
+        description=f"{replicas} replica groups x {group} devices splitting heads",
+        textbook_bytes=lambda cfg: _attention_bytes(cfg, replicas, group),
+    )
+    expert = Strategy(
+        name=f"{NAME}/experts",
+        mesh_shape=((MeshAxis.EXPERT, experts),),
+        rules={
+            Axis.BATCH: (MeshAxis.EXPERT,),
+            Axis.GROUP: (MeshAxis.EXPERT,),
+            Axis.EXPERT: (MeshAxis.EXPERT,),
+        },
+        description=f"expert parallel {experts}",
+        textbook_bytes=lambda cfg: _expert_bytes(cfg, experts),
+    )
+    name = f"{NAME}:{attention}+{experts}/{replicas}"
+    if (attention, experts, replicas) == (ATTENTION, EXPERTS, REPLICAS):
+        name = NAME
+    return Separation(
+        name=name,
+        attention=attn,
+        experts=expert,
+        replica_axis=MeshAxis.REPLICA,
+        heads_axis=MeshAxis.HEADS,
+        description=(
+            f"attention on {attention} devices ({replicas} replicas x {group} heads-split), "
+            f"experts on {experts} (EP {experts}); [tokens, D] crosses each way per MoE layer"
+        ),
+    )
+
+
+def parse(name: str) -> Separation:
+    """`ma_separation`, `ma_separation:A+X` or `ma_separation:A+X/R` (R replica groups)."""
+    if name == NAME:
+        return separation()
+    spec = name.removeprefix(f"{NAME}:")
+    try:
+        devices, _, replicas = spec.partition("/")
+        attention, experts = (int(part) for part in devices.split("+"))
+        return separation(attention, experts, int(replicas) if replicas else None)
+    except ValueError:
+        raise ConfigError(
+            f"{name!r}: expected {NAME}:A+X or {NAME}:A+X/R (A attention devices in R replica "
+            f"groups, X expert devices), e.g. {NAME}:12+4 or {NAME}:12+4/1"
+        ) from None
