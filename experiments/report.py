@@ -74,7 +74,7 @@ def compare_table(cfg: ModelConfig, reports: Sequence[LayoutReport]) -> str:
         f"{cfg.name}: {cfg.n_layers} layers ({cfg.n_moe_layers} MoE, {cfg.n_experts} experts "
         f"top-{cfg.top_k}), D {cfg.d_model}, {cfg.n_heads}x{cfg.head_dim} heads, F {cfg.d_ff}, "
         f"B {cfg.batch} x S {cfg.seq_len}, {cfg.dtype}, {cfg.micro_batches} micro-batches "
-        f"in pipelines; forward pass vs one device"
+        f"in pipelines and ma_separation; forward pass vs one device"
     )
     legend = (
         "a2a all-to-all, ag all-gather, ar all-reduce, rs reduce-scatter, cp collective-permute; "

@@ -163,7 +163,7 @@ def separated_forward(run: Separated, state, tokens) -> tuple[np.ndarray, dict]:
     logits = run.forward(run.put(state), tokens)
     moved = {k: v / cfg.n_layers for k, v in run.moved.items()}
     pieces = cost.compile_pieces(run, "forward")
-    calls = sep.micro_batches * cfg.n_blocks  # each piece runs this often in one pass
+    calls = cfg.micro_batches * cfg.n_blocks  # each piece runs this often in one pass
     by_mesh, collectives = {}, []
     for mesh, strategy in (("attention", sep.attention), ("experts", sep.experts)):
         inv = inventory(
@@ -183,7 +183,7 @@ def separated_forward(run: Separated, state, tokens) -> tuple[np.ndarray, dict]:
         if count_a + count_x:
             per_layer[kind] = (count_a + count_x, (a * bytes_a + x * bytes_x) / (a + x))
     crossing = sum(moved.get(k, 0.0) for k in INTER_MESH)
-    calls_per_layer = sep.micro_batches * cfg.n_moe_layers / cfg.n_layers
+    calls_per_layer = cfg.micro_batches * cfg.n_moe_layers / cfg.n_layers
     per_layer["transfer"] = (2.0 * calls_per_layer, crossing / (a + x))
     per_layer["fanout"] = (calls_per_layer, moved.get("fanout", 0.0) / (a + x))
     params = run.abstract_params()
@@ -196,7 +196,7 @@ def separated_forward(run: Separated, state, tokens) -> tuple[np.ndarray, dict]:
         "separation": {
             "attention_mesh": sep.attention.axis_sizes,
             "expert_mesh": sep.experts.axis_sizes,
-            "micro_batches": sep.micro_batches,
+            "micro_batches": cfg.micro_batches,
             "transfer_bits": sep.transfer_bits,
             "heads": sep.padding(cfg),
             "collectives_per_layer_by_mesh": {

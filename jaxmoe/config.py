@@ -51,7 +51,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     batch: int = 16
     seq_len: int = 64
-    micro_batches: int = 4  # pipeline micro-batches (pipelined strategies only)
+    micro_batches: int = 4  # pipeline micro-batches; ma_separation's ping-pong micro-batches
     loss_chunk_tokens: int = 512  # tokens per chunk of the fused LM head in the training loss
 
     def __post_init__(self) -> None:

@@ -100,9 +100,10 @@ def parse(name: str) -> Separation:
     try:
         devices, _, replicas = spec.partition("/")
         attention, experts = (int(part) for part in devices.split("+"))
-        return separation(attention, experts, int(replicas) if replicas else None)
+        groups = int(replicas) if replicas else None
     except ValueError:
         raise ConfigError(
             f"{name!r}: expected {NAME}:A+X or {NAME}:A+X/R (A attention devices in R replica "
             f"groups, X expert devices), e.g. {NAME}:12+4 or {NAME}:12+4/1"
         ) from None
+    return separation(attention, experts, groups)

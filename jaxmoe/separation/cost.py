@@ -168,7 +168,7 @@ def separated_bound(
         "to_attention": hw.transfer_seconds(size, expert_devices, landing),
         "fanout": max(fanout, default=0.0),
     }
-    return SeparatedBound(bounds, transfers, cfg.n_blocks, sep.micro_batches)
+    return SeparatedBound(bounds, transfers, cfg.n_blocks, cfg.micro_batches)
 
 
 def shard_bytes(tree) -> int:
@@ -182,18 +182,18 @@ def memory(run: Separated, pieces: dict[str, jax.stages.Compiled], phase: str) -
     """Bytes per device on each mesh: parameters, KV cache (all blocks and micro-batches), the
     states kept between pieces, and the largest temporaries of the mesh's programs; `total` is
     the larger mesh's."""
-    cfg, sep, params = run.cfg, run.sep, run.abstract_params()
+    cfg, params = run.cfg, run.abstract_params()
     seq = 1 if phase == "decode" else cfg.seq_len
     states = (run.rows, seq, cfg.d_model)
 
     def kept(sharding):  # the states between pieces: x and y per micro-batch, or h and y
         per = math.prod(sharding.shard_shape(states)) * cfg.compute_dtype.itemsize
-        return 2 * sep.micro_batches * per
+        return 2 * cfg.micro_batches * per
 
     cache = 0
     if phase != "forward":
         one = _like(run.kv_shape(), cfg.compute_dtype, run.cache_sharding)
-        cache = 2 * shard_bytes(one) * cfg.layers_per_block * cfg.n_blocks * sep.micro_batches
+        cache = 2 * shard_bytes(one) * cfg.layers_per_block * cfg.n_blocks * cfg.micro_batches
 
     def temporaries(names):
         return max(memory_per_device(pieces[n])["temporaries"] for n in names)

@@ -33,8 +33,7 @@ class Separation:
     """Attention/expert separation: two strategies on disjoint devices, joined by transfers.
 
     `replica_axis` and `heads_axis` name the attention mesh's axes (replica groups, heads inside a
-    group); `micro_batches` is how many pieces of the batch ping-pong between the meshes;
-    `transfer_bits` is 0 (hidden states cross in the compute dtype) or 8 (int8, one float32
+    group); `transfer_bits` is 0 (hidden states cross in the compute dtype) or 8 (int8, one float32
     scale per token).
     """
 
@@ -44,7 +43,6 @@ class Separation:
     replica_axis: str
     heads_axis: str
     description: str
-    micro_batches: int = 2
     transfer_bits: int = 0
 
     @property
@@ -143,14 +141,14 @@ class Separation:
                 f"{self.name}: n_experts={cfg.n_experts} does not split over {x} expert devices; "
                 f"choose n_experts as a multiple of {x} or another expert-device count"
             )
-        if self.micro_batches < 1 or cfg.batch % self.micro_batches:
+        if cfg.batch % cfg.micro_batches:
             raise ConfigError(
-                f"{self.name}: batch={cfg.batch} does not split into {self.micro_batches} "
-                f"micro-batches; choose a batch that is a multiple of {self.micro_batches}"
+                f"{self.name}: batch={cfg.batch} does not split into micro_batches="
+                f"{cfg.micro_batches}; choose a batch that is a multiple of it or set micro_batches"
             )
         if self.transfer_bits not in (0, 8):
             raise ConfigError(f"{self.name}: transfer_bits={self.transfer_bits}; use 0 or 8")
-        piece = cfg.replace(batch=cfg.batch // self.micro_batches)
+        piece = cfg.replace(batch=cfg.batch // cfg.micro_batches)
         check_divisible(self.attention_cfg(piece), self.attention_strategy(cfg))
         check_divisible(piece, self.experts)
         groups = self.experts.split_factor(Axis.GROUP)
@@ -158,7 +156,7 @@ class Separation:
             raise ConfigError(
                 f"{self.name}: a micro-batch of {piece.batch} sequences does not split over "
                 f"{groups} expert devices when decoding; choose batch as a multiple of "
-                f"{groups * self.micro_batches}"
+                f"{groups * cfg.micro_batches} or fewer micro_batches"
             )
 
     def make_meshes(self, devices: Sequence[jax.Device]) -> tuple[Mesh, Mesh]:

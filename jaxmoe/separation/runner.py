@@ -77,7 +77,7 @@ class Separated:
     @property
     def rows(self) -> int:
         """Sequences per micro-batch."""
-        return self.cfg.batch // self.sep.micro_batches
+        return self.cfg.batch // self.cfg.micro_batches
 
     # ---- parameters --------------------------------------------------------------------------
     def put(self, state) -> sp.SepParams:
@@ -123,7 +123,7 @@ class Separated:
                 f"set batch={tokens.shape[0]}"
             )
         r = self.rows
-        pieces = [tokens[m * r : (m + 1) * r] for m in range(self.sep.micro_batches)]
+        pieces = [tokens[m * r : (m + 1) * r] for m in range(self.cfg.micro_batches)]
         return [jax.device_put(p, self.tokens) for p in pieces]
 
     def _blocks(self, params, xs, caches, pos, keys, saved=None):
@@ -169,7 +169,7 @@ class Separated:
             raise ConfigError(
                 f"{self.sep.name}: 8-bit transfers are for inference; train with transfer_bits=0"
             )
-        prog, n_micro = self.programs, self.sep.micro_batches
+        prog, n_micro = self.programs, self.cfg.micro_batches
         parts = self._split_rows(inputs)
         goals = self._split_rows(targets)
         keys = None
@@ -226,7 +226,7 @@ class Separated:
         return [
             [
                 tuple(self._empty_kv() for _ in range(per_block))
-                for _ in range(self.sep.micro_batches)
+                for _ in range(self.cfg.micro_batches)
             ]
             for _ in range(self.cfg.n_blocks)
         ]
