@@ -26,6 +26,7 @@ from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.inference import decoder, generate
 from jaxmoe.phases import Measure, PhaseCost, phase_costs
 from jaxmoe.placement import init_params, place
+from jaxmoe.separation import Separated, Separation
 from jaxmoe.sharding import check_divisible
 
 PREFILL_BATCH = 16  # sequences per prefill program (the bound is per token)
@@ -73,8 +74,11 @@ def experiment_rows(
     for name in exp.strategies:
         strategy = meshes.get(name)
         try:
-            check_divisible(cfg, strategy)
-            check_divisible(cfg.replace(batch=min(cfg.batch, PREFILL_BATCH)), strategy)
+            for sized in (cfg, cfg.replace(batch=min(cfg.batch, PREFILL_BATCH))):
+                if isinstance(strategy, Separation):
+                    strategy.check(sized, len(jax.devices()))
+                else:
+                    check_divisible(sized, strategy)
         except ConfigError as err:
             rows += [_unbuilt(exp, name, p, str(err), scale) for p in ("prefill", "decode")]
             continue
@@ -175,7 +179,11 @@ def _one_device_tokens(cfg: ModelConfig) -> np.ndarray:
 
 
 def _same_tokens(cfg: ModelConfig, strategy, reference: np.ndarray) -> bool:
-    placement = place(cfg, strategy, jax.devices()[: strategy.n_devices])
-    params = placement.put(init_params(cfg, 0)[1])
-    dec = decoder(cfg, placement.graphdef, placement)
+    state = init_params(cfg, 0)[1]
+    if isinstance(strategy, Separation):
+        run = Separated(cfg, strategy, jax.devices())
+        dec, params = run.decoder(), run.put(state)
+    else:
+        placement = place(cfg, strategy, jax.devices()[: strategy.n_devices])
+        dec, params = decoder(cfg, placement.graphdef, placement), placement.put(state)
     return bool(np.array_equal(generate(dec, params, _prompt(cfg), GENERATED), reference))

@@ -80,8 +80,9 @@ def compare_table(cfg: ModelConfig, reports: Sequence[LayoutReport]) -> str:
         "a2a all-to-all, ag all-gather, ar all-reduce, rs reduce-scatter, cp collective-permute; "
         "bubble: share of a pipeline's M + P - 1 iterations a stage idles, (P - 1) / (M + P - 1); "
         "ma_separation: xfer = hidden states crossing between its two sub-meshes, fan = the "
-        "experts' output copied on to the rest of each attention replica group; counts per "
-        "device of the mesh issuing them, bytes averaged over all devices"
+        "experts' output copied on to the rest of its slice of attention devices (then gathered "
+        "in the replica group: ag); counts per device of the mesh issuing them, bytes averaged "
+        "over all devices"
     )
     return f"{title}\n\n{table(headers, rows)}\n\n{legend}"
 

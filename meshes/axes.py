@@ -10,3 +10,4 @@ class MeshAxis(StrEnum):
     HEADS = "heads"
     DIMS = "dims"
     REPLICA = "replica"
+    SLICE = "slice"

@@ -51,16 +51,29 @@ def separation(
             f"{NAME}: {attention} attention devices do not form {replicas} replica groups; "
             f"choose a multiple of {replicas}"
         )
+    if attention % experts or experts % replicas:
+        raise ConfigError(
+            f"{NAME}:{attention}+{experts}/{replicas}: the attention devices must cut into "
+            f"{experts} equal slices, one per expert device, {experts // replicas or 1} per "
+            f"replica group; choose attention devices as a multiple of the expert devices and "
+            f"expert devices as a multiple of the replica groups (e.g. 12+4, 8+8, 14+2)"
+        )
     group = attention // replicas
+    slices = experts // replicas  # per replica group
+    heads = (MeshAxis.SLICE, MeshAxis.HEADS)
     attn = Strategy(
         name=f"{NAME}/attention",
-        mesh_shape=((MeshAxis.REPLICA, replicas), (MeshAxis.HEADS, group)),
+        mesh_shape=(
+            (MeshAxis.REPLICA, replicas),
+            (MeshAxis.SLICE, slices),
+            (MeshAxis.HEADS, group // slices),
+        ),
         rules={
             Axis.BATCH: (MeshAxis.REPLICA,),
             Axis.ATTN_BATCH: (MeshAxis.REPLICA,),
             Axis.LM_BATCH: (MeshAxis.REPLICA,),
-            Axis.HEADS: (MeshAxis.HEADS,),
-            Axis.VOCAB: (MeshAxis.HEADS,),
+            Axis.HEADS: heads,
+            Axis.VOCAB: heads,
         },
         description=f"{replicas} replica groups x {group} devices splitting heads",
         textbook_bytes=lambda cfg: _attention_bytes(cfg, replicas, group),
@@ -84,6 +97,7 @@ def separation(
         attention=attn,
         experts=expert,
         replica_axis=MeshAxis.REPLICA,
+        slice_axis=MeshAxis.SLICE,
         heads_axis=MeshAxis.HEADS,
         description=(
             f"attention on {attention} devices ({replicas} replicas x {group} heads-split), "

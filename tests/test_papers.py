@@ -10,6 +10,7 @@ from experiments.papers import registry
 from jaxmoe.compare import random_tokens
 from jaxmoe.config import ConfigError
 from jaxmoe.placement import init_params
+from jaxmoe.separation import Separated, Separation
 from jaxmoe.sharding import check_divisible
 
 EXPERIMENTS = list(registry.EXPERIMENTS.values())
@@ -36,15 +37,19 @@ def test_configs_are_named_and_share_structure(exp):
 
 @pytest.mark.parametrize(("exp", "strategy"), PAIRS, ids=PAIR_IDS)
 def test_both_scales_fit_each_strategy(exp, strategy):
-    check_divisible(exp.tiny, meshes.get(strategy))
-    check_divisible(exp.full, meshes.get(strategy))
+    layout = meshes.get(strategy)
+    for cfg in (exp.tiny, exp.full):
+        if isinstance(layout, Separation):
+            layout.check(cfg, 16)
+        else:
+            check_divisible(cfg, layout)
 
 
 @pytest.mark.parametrize("exp", EXPERIMENTS, ids=lambda e: e.name)
 def test_claims_name_compared_strategies(exp):
     assert exp.claims
     for claim in exp.claims:
-        assert claim.strategy in (*exp.strategies, "ma_separation")
+        assert claim.strategy in exp.strategies
         assert claim.tps or claim.tpot_ms
         assert claim.source
 
@@ -62,10 +67,14 @@ def test_unknown_paper_names_the_choices():
 
 @pytest.mark.parametrize(("exp", "strategy"), PAIRS, ids=PAIR_IDS)
 def test_tiny_runs_under_each_strategy(exp, strategy):
-    cfg = exp.tiny
-    placement, compiled = forward_hlo(cfg, meshes.get(strategy))
+    cfg, layout = exp.tiny, meshes.get(strategy)
     _, state = init_params(cfg)
-    tokens = jax.device_put(random_tokens(cfg, 0), placement.token_sharding)
-    logits = np.asarray(compiled(placement.put(state), tokens))
+    if isinstance(layout, Separation):
+        run = Separated(cfg, layout, jax.devices())
+        logits = run.forward(run.put(state), random_tokens(cfg, 0))
+    else:
+        placement, compiled = forward_hlo(cfg, layout)
+        tokens = jax.device_put(random_tokens(cfg, 0), placement.token_sharding)
+        logits = np.asarray(compiled(placement.put(state), tokens))
     assert logits.shape[:2] == (cfg.batch, cfg.seq_len)
     assert np.isfinite(logits).all()

@@ -130,6 +130,16 @@ def test_each_device_holds_only_its_sides_weights():
     assert held <= args <= held + tokens + 64
 
 
+def test_crossing_states_copy_whole_shards_and_never_wait_on_the_host():
+    """Every transfer moves whole shards (same shard shape on both sides), the condition for JAX
+    to issue it asynchronously; re-cutting shards makes it wait for its input on the host."""
+    run = _run(tiny(micro_batches=2))
+    shape = (run.rows, 16, 64)
+    for src, dst in ((run.exit, run.at_experts), (run.at_experts, run.landing),
+                     (run.landing, run.exit)):  # fmt: skip
+        assert src.shard_shape(shape) == dst.shard_shape(shape)
+
+
 def test_uneven_heads_are_spread_as_in_the_paper():
     paper = tiny(n_heads=32, head_dim=2)
     one_group = meshes.get("ma_separation:12+4/1")
@@ -143,8 +153,9 @@ def test_uneven_heads_are_spread_as_in_the_paper():
 @pytest.mark.parametrize(
     ("name", "changes", "message"),
     [
-        ("ma_separation:14+4", {}, "exceed the 16 devices"),
-        ("ma_separation:10+6", {}, "n_experts=16 does not split over 6 expert devices"),
+        ("ma_separation:16+4", {}, "exceed the 16 devices"),
+        ("ma_separation:8+8", {"n_experts": 12}, "n_experts=12 does not split over 8 expert"),
+        ("ma_separation:10+6", {}, "must cut into 6 equal slices"),
         ("ma_separation", {"micro_batches": 3}, "does not split into micro_batches=3"),
         ("ma_separation", {"moe_every": 0}, "needs an MoE model"),
         ("ma_separation:9+4/2", {}, "do not form 2 replica groups"),
@@ -182,4 +193,7 @@ def test_compare_reports_transfers_against_the_textbook():
     assert details["transfer_vs_textbook"] == 1.0
     assert math.isclose(report.bytes_vs_textbook, 1.0, rel_tol=1e-2)  # router sums aside
     assert report.per_layer["transfer"][0] == 2 * cfg.micro_batches
-    assert report.mesh == {"attention": {"replica": 2, "heads": 6}, "experts": {"expert": 4}}
+    assert report.mesh == {
+        "attention": {"replica": 2, "slice": 2, "heads": 3},
+        "experts": {"expert": 4},
+    }

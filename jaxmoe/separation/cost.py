@@ -55,7 +55,7 @@ def compile_pieces(run: Separated, phase: str) -> dict[str, jax.stages.Compiled]
     seq = 1 if phase == "decode" else cfg.seq_len
     shape = (run.rows, seq, cfg.d_model)
     x = _like(shape, cfg.compute_dtype, run.residual)
-    y = crossing(run, shape, run.residual)
+    y = crossing(run, shape, run.exit)
     h = crossing(run, shape, run.at_experts)
     tokens = _like((run.rows, seq), jnp.int32, run.tokens)
     pos = jax.ShapeDtypeStruct((), jnp.int32)
@@ -156,17 +156,19 @@ def separated_bound(
     }
     tokens = run.rows * (1 if phase == "decode" else cfg.seq_len)
     size = sep.transfer_bytes(cfg, tokens)
-    landing = [r * sep.group_size for r in range(sep.replicas)]
-    per_group = size / sep.replicas
-    fanout = [
-        hw.transfer_seconds(per_group, [g], range(g + 1, g + sep.group_size))
-        for g in landing
-        if sep.group_size > 1
-    ]
+    slice_size = a // x  # attention devices per block of the crossing states
+    landing = range(0, a, slice_size)
     transfers = {
         "to_experts": hw.transfer_seconds(size, attention_devices, expert_devices),
         "to_attention": hw.transfer_seconds(size, expert_devices, landing),
-        "fanout": max(fanout, default=0.0),
+        "fanout": max(
+            (
+                hw.transfer_seconds(size / x, [d], range(d + 1, d + slice_size))
+                for d in landing
+                if slice_size > 1
+            ),
+            default=0.0,
+        ),
     }
     return SeparatedBound(bounds, transfers, cfg.n_blocks, cfg.micro_batches)
 

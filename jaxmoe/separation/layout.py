@@ -32,8 +32,11 @@ from jaxmoe.sharding import Strategy, check_divisible, split_sizes
 class Separation:
     """Attention/expert separation: two strategies on disjoint devices, joined by transfers.
 
-    `replica_axis` and `heads_axis` name the attention mesh's axes (replica groups, heads inside a
-    group); `transfer_bits` is 0 (hidden states cross in the compute dtype) or 8 (int8, one float32
+    The attention mesh has three axes: `replica_axis` (the replica groups), then `slice_axis` and
+    `heads_axis`, which together split the heads inside a group. A group's devices are cut into
+    slices, as many in all as there are expert devices: the states crossing to and from expert
+    device i leave from and land on the i-th slice (split by sequences over replica x slice).
+    `transfer_bits` is 0 (hidden states cross in the compute dtype) or 8 (int8, one float32
     scale per token).
     """
 
@@ -41,6 +44,7 @@ class Separation:
     attention: Strategy
     experts: Strategy
     replica_axis: str
+    slice_axis: str
     heads_axis: str
     description: str
     transfer_bits: int = 0
@@ -56,7 +60,13 @@ class Separation:
     @property
     def group_size(self) -> int:
         """Devices per attention replica group (heads are split over them)."""
-        return self.attention.axis_sizes[self.heads_axis]
+        sizes = self.attention.axis_sizes
+        return sizes[self.slice_axis] * sizes[self.heads_axis]
+
+    @property
+    def crossing_axes(self) -> tuple[str, str]:
+        """The attention mesh's axes the crossing states are split over, by sequences."""
+        return (self.replica_axis, self.slice_axis)
 
     def with_options(self, **changes) -> Separation:
         return dataclasses.replace(self, **changes)
@@ -109,7 +119,7 @@ class Separation:
         output then reaching the other devices of each replica group (an all-gather's volume)."""
         a, x = self.attention.n_devices, self.experts.n_devices
         attention, experts = self.attention.textbook_bytes(cfg), self.experts.textbook_bytes(cfg)
-        fanout = (self.group_size - 1) * self.transfer_bytes(cfg)
+        fanout = (self.group_size - 1) * self.transfer_bytes(cfg)  # copies and gathers
         crossing = {"dense": 0.0, "moe": 2 * self.transfer_bytes(cfg) + fanout}
         return {
             k: (a * attention[k] + x * experts[k] + crossing[k]) / (a + x) for k in ("dense", "moe")
@@ -130,6 +140,13 @@ class Separation:
             raise ConfigError(
                 f"{self.name}: {a} attention + {x} expert devices exceed the {n_devices} devices "
                 f"available; choose sub-meshes of at most {n_devices} devices in all"
+            )
+        sizes = self.attention.axis_sizes
+        if sizes[self.replica_axis] * sizes[self.slice_axis] != x:
+            raise ConfigError(
+                f"{self.name}: the attention mesh must cut into {x} slices (one per expert "
+                f"device), not {sizes[self.replica_axis] * sizes[self.slice_axis]}; build it "
+                f"with meshes.ma_separation.separation"
             )
         if not cfg.is_moe:
             raise ConfigError(

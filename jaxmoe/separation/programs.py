@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from jaxmoe.config import ModelConfig
 from jaxmoe.model import router_losses
@@ -47,9 +47,17 @@ def receive(sent, dtype) -> jax.Array:
 
 class Programs:
     def __init__(
-        self, cfg: ModelConfig, sep: Separation, pieces: Parts, attn_mesh: Mesh, exp_mesh: Mesh
+        self,
+        cfg: ModelConfig,
+        sep: Separation,
+        pieces: Parts,
+        attn_mesh: Mesh,
+        exp_mesh: Mesh,
+        exit_sharding: NamedSharding,
     ):
+        """`exit_sharding`: the layout (on the attention devices) the experts' input leaves in."""
         self.cfg, self.bits, self.pieces = cfg, sep.transfer_bits, pieces
+        self.exit = exit_sharding
         on_attn = functools.partial(laid_out_jit, attn_mesh, sep.attention_strategy(cfg))
         on_exp = functools.partial(laid_out_jit, exp_mesh, sep.experts)
         self.embed = on_attn(self._embed)
@@ -77,7 +85,10 @@ class Programs:
         if y is not None:
             x = constrain(x + receive(y, x.dtype), RESIDUAL)
         x, h, cache = nnx.merge(self.pieces.attention[0], state).attend(x, cache, pos)
-        return x, send(h, self.bits), cache
+        leaving = jax.tree.map(
+            lambda a: jax.lax.with_sharding_constraint(a, self.exit), send(h, self.bits)
+        )
+        return x, leaving, cache
 
     @staticmethod
     def _last_block(x, y):

@@ -7,9 +7,12 @@ ping-pong); `Timeline` records when each program finishes, to show it.
 
 What crosses between the meshes is counted as it is moved (`moved`, bytes per kind, from the
 shardings of the arrays each `device_put` makes): `to_experts` and `to_attention` cross between
-the meshes, `fanout` stays inside the attention mesh. The way back lands on one device per
-replica group (each token crosses once) and is then copied to the group's other devices, whose
-head slices all need the whole hidden state.
+the meshes, `fanout` stays inside the attention mesh. Crossing states are cut by sequences into as
+many blocks as there are expert devices: expert device i takes block i from a device of the
+attention devices' i-th slice and sends its output back to one of them (each token crosses
+once), from where it is copied to the rest of the slice (`fanout`); the attention program then
+gathers its replica group's blocks (an all-gather over NVLink in a real machine) since every head
+slice needs the whole hidden state.
 
 The backward pass runs the blocks in reverse, each piece's backward program recomputing its
 forward pass from the inputs saved at its boundary (see `programs`).
@@ -25,7 +28,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.inference import Decoder
@@ -61,10 +64,15 @@ class Separated:
             (param_shardings(self.pieces.attention[1], self.attn_mesh, attn),) * n,
             (param_shardings(self.pieces.experts[1], self.exp_mesh, sep.experts),) * n,
         )
-        self.programs = Programs(cfg, sep, self.pieces, self.attn_mesh, self.exp_mesh)
+        # crossing states are split by sequences into as many blocks as there are expert
+        # devices, on both sides, so every transfer copies whole shards (JAX then issues it
+        # asynchronously; a transfer that must re-cut shards waits for its input on the host)
+        crossing = PartitionSpec(sep.crossing_axes)
+        self.exit = NamedSharding(self.attn_mesh, crossing)
+        landing = Mesh(self.attn_mesh.devices[..., :1], self.attn_mesh.axis_names)
+        self.landing = NamedSharding(landing, crossing)
         self.at_experts = NamedSharding(self.exp_mesh, sep.experts.spec(RESIDUAL))
-        landing = Mesh(self.attn_mesh.devices[:, :1], self.attn_mesh.axis_names)
-        self.landing = NamedSharding(landing, attn.spec(RESIDUAL))  # one device per replica
+        self.programs = Programs(cfg, sep, self.pieces, self.attn_mesh, self.exp_mesh, self.exit)
         self.residual = NamedSharding(self.attn_mesh, attn.spec(RESIDUAL))
         self.tokens = NamedSharding(self.attn_mesh, attn.spec(TOKENS))
         self.cache_sharding = NamedSharding(self.attn_mesh, attn.spec(CORE))
@@ -73,6 +81,7 @@ class Separated:
         )
         self.moved: Counter[str] = Counter()
         self.timeline: Timeline | None = None
+        self.serial = False  # True: wait for every program before issuing the next (no overlap)
 
     @property
     def rows(self) -> int:
@@ -108,11 +117,13 @@ class Separated:
         return out
 
     def _to_attention(self, y):
-        return self._move(self._move(y, self.landing, "to_attention"), self.residual, "fanout")
+        return self._move(self._move(y, self.landing, "to_attention"), self.exit, "fanout")
 
     def _note(self, mesh: str, label: str, out, after: str | None = None) -> None:
         if self.timeline is not None:
             self.timeline.dispatched(mesh, label, out, after)
+        if self.serial:
+            jax.block_until_ready(out)
 
     # ---- the forward pass over the blocks ------------------------------------------------------
     def _split_rows(self, tokens) -> list[jax.Array]:
