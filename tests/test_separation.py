@@ -197,3 +197,25 @@ def test_compare_reports_transfers_against_the_textbook():
         "attention": {"replica": 2, "slice": 2, "heads": 3},
         "experts": {"expert": 4},
     }
+
+
+def test_trainer_balances_micro_batches_and_rechecks_every_n_steps():
+    from jaxmoe.separation.training import MICRO_BATCH_OPTIONS, SeparatedTrainer
+    from jaxmoe.train.recipe import TrainConfig
+
+    cfg = tiny(micro_batches=1)
+    tc = TrainConfig(rebalance_every=2, rebalance_threshold=1e-9)
+    trainer = SeparatedTrainer(cfg, SEP, jax.devices()[:DEVICES], tc)
+    params, opt = trainer.init()
+    fits = [m for m in MICRO_BATCH_OPTIONS if cfg.batch // m % 4 == 0]  # 4 expert devices
+    assert {s.tokens for s in trainer.samples} == {cfg.tokens // m for m in fits}
+    assert trainer.run.cfg.micro_batches in fits  # the predictor's choice
+    batch = np.asarray(random_tokens(cfg.replace(seq_len=cfg.seq_len + 1), 3))
+    seen = []
+    for step in range(2):
+        params, opt, metrics = trainer.step(params, opt, batch, step)
+        seen.append(metrics)
+        assert np.isfinite(float(metrics["loss"])) and metrics["grad_norm"] > 0
+        assert metrics["attention_busy_s"] > 0 and metrics["expert_busy_s"] > 0
+    assert "rebalanced_from" not in seen[0] and "rebalanced_from" in seen[1]
+    assert trainer.evaluate(params, batch) > 0

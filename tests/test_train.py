@@ -16,6 +16,7 @@ import pytest
 
 import meshes
 from jaxmoe.config import preset
+from jaxmoe.separation import Separation
 from jaxmoe.sharding import Strategy
 from jaxmoe.train.loop import RunOptions, train
 from jaxmoe.train.recipe import TrainConfig
@@ -34,7 +35,7 @@ def losses(workdir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in lines}
 
 
-def run_in_process(strategy: Strategy, workdir: Path) -> dict[int, float]:
+def run_in_process(strategy: Strategy | Separation, workdir: Path) -> dict[int, float]:
     cfg = preset("tiny_moe").replace(expert_dropout=0.1, **SMALL)
     tc = TrainConfig(learning_rate=CURVE_LR).scaled_to(CURVE_STEPS)
     opts = RunOptions(
@@ -53,7 +54,7 @@ def one_device_curve(tmp: Path) -> dict[int, float]:
     return run_in_process(meshes.ONE_DEVICE, tmp / "one_device")
 
 
-@pytest.mark.parametrize("strategy", list(meshes.REGISTRY.values()), ids=list(meshes.REGISTRY))
+@pytest.mark.parametrize("strategy", list(meshes.LAYOUTS.values()), ids=list(meshes.LAYOUTS))
 def test_every_strategy_gives_the_same_loss_curve(strategy, tmp_path_factory):
     reference = one_device_curve(tmp_path_factory.getbasetemp())
     curve = run_in_process(strategy, tmp_path_factory.mktemp(strategy.name.replace(":", "-")))

@@ -64,6 +64,7 @@ class Programs:
         self.attend = on_attn(self._attend, donate_argnums=3)
         self.last_logits = on_attn(self._last_logits)
         self.logits = on_attn(self._logits)
+        self.loss = on_attn(self._loss)
         self.head_grads = on_attn(jax.value_and_grad(self._loss, argnums=(0, 1, 2)))
         self.attend_grads = on_attn(self._attend_grads)
         self.embed_grads = on_attn(self._embed_grads)

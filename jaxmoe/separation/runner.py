@@ -221,6 +221,18 @@ class Separated:
         metrics["loss"] = metrics["ce_loss"] + metrics["router_loss"]
         return metrics, sp.SepParams(g_outer, tuple(g_att), tuple(g_exp))
 
+    def cross_entropy(self, params: sp.SepParams, inputs, targets) -> float:
+        """The mean next-token cross-entropy (evaluation: no router losses, no dropout)."""
+        prog, n_micro = self.programs, self.cfg.micro_batches
+        xs = [prog.embed(params.outer, t, 0) for t in self._split_rows(inputs)]
+        xs, ys, _ = self._blocks(params, xs, None, 0, None)
+        goals = self._split_rows(targets)
+        parts = [
+            prog.loss(params.outer, x, y, g, 1.0 / n_micro)
+            for x, y, g in zip(xs, ys, goals, strict=True)
+        ]
+        return float(sum(np.asarray(p) for p in parts))
+
     # ---- inference -------------------------------------------------------------------------------
     def kv_shape(self) -> tuple[int, ...]:
         """One layer's keys (or values) for one micro-batch: [B / M, T, padded H, K]."""

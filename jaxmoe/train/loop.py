@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from jaxmoe import data
 from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.separation import Separation
+from jaxmoe.separation.training import SeparatedTrainer
 from jaxmoe.sharding import Strategy
 from jaxmoe.train import checkpoints
 from jaxmoe.train.batches import RowStreams, local_rows
@@ -69,7 +71,7 @@ def _check_options(opts: RunOptions) -> None:
 
 def train(
     cfg: ModelConfig,
-    strategy: Strategy,
+    strategy: Strategy | Separation,
     tc: TrainConfig,
     opts: RunOptions,
     devices: list[jax.Device] | None = None,
@@ -96,7 +98,10 @@ def train(
     if start is not None:
         ckpt.check(start)  # a foreign checkpoint is refused before anything compiles
 
-    trainer = make_trainer(cfg, strategy, devices, tc)
+    if isinstance(strategy, Separation):
+        trainer = SeparatedTrainer(cfg, strategy, devices, tc)
+    else:
+        trainer = make_trainer(cfg, strategy, devices, tc)
     rows = local_rows(cfg.batch)
     stream = dict(seq_len=cfg.seq_len, batch=cfg.batch, seed=tc.data_seed, rows=rows)
     batches = RowStreams(train_files, tokenizer, shuffle=True, repeat=True, **stream)

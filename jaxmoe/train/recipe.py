@@ -28,6 +28,8 @@ class TrainConfig:
     data_seed: int = 0  # shuffle order
     eval_batches: int = 8  # held-out batches per evaluation (the same ones every time)
     keep_checkpoints: int = 3
+    rebalance_every: int = 100  # ma_separation: steps between the balancer's checks
+    rebalance_threshold: float = 0.05  # ma_separation: rebalance when the sides differ more
 
     def __post_init__(self) -> None:
         checks = {
@@ -41,6 +43,8 @@ class TrainConfig:
             "final_lr_fraction": 0 <= self.final_lr_fraction <= 1,
             "eval_batches": self.eval_batches >= 1,
             "keep_checkpoints": self.keep_checkpoints >= 1,
+            "rebalance_every": self.rebalance_every >= 1,
+            "rebalance_threshold": self.rebalance_threshold > 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -74,14 +78,12 @@ def _decays(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip),
-        optax.adamw(
-            schedule(tc),
-            b1=tc.beta1,
-            b2=tc.beta2,
-            weight_decay=tc.weight_decay,
-            mask=_decays,
-        ),
+def adamw(tc: TrainConfig) -> optax.GradientTransformation:
+    """The recipe's AdamW with its schedule, without the clipping (which needs every gradient)."""
+    return optax.adamw(
+        schedule(tc), b1=tc.beta1, b2=tc.beta2, weight_decay=tc.weight_decay, mask=_decays
     )
+
+
+def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw(tc))

@@ -1,0 +1,182 @@
+"""Training with attention and experts on two sub-meshes: the papers' recipe, and the balancer.
+
+The optimizer is the recipe's (global-norm clipping, then AdamW with its schedule), applied on each
+mesh to that mesh's parameters: the global norm is summed from both meshes' squared norms, and
+each side's AdamW state lives with its parameters. The step's losses and gradients are those of
+the one-device model (`Separated.loss_and_grads`).
+
+The balancer (paper 001): at the start, each side's piece is timed at every micro-batch count that
+fits, the 3-layer MLP predictor is fitted to those samples, and the run takes the micro-batch
+count it predicts fastest. Every step's timeline gives each mesh's busy time; every
+`rebalance_every` steps, when the two sides' mean busy times differ by more than
+`rebalance_threshold`, the pieces are timed afresh, the predictor refitted and the micro-batch
+count chosen again (the device split is fixed for a run: `bench_separation` and the bound
+recommend one).
+Changing it changes how the batch is cut, never the model's arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import SingleDeviceSharding
+
+from jaxmoe.balancer import Rebalancer, Sample, StepTimeModel, choose_split
+from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.model import Transformer
+from jaxmoe.separation.balance import measure_pieces
+from jaxmoe.separation.layout import Separation
+from jaxmoe.separation.params import SepParams
+from jaxmoe.separation.runner import Separated
+from jaxmoe.separation.timeline import Timeline
+from jaxmoe.train import recipe
+
+MICRO_BATCH_OPTIONS = (1, 2, 4, 8)
+
+
+def _sides(params: SepParams) -> tuple:
+    """(attention mesh's parameters, expert mesh's)."""
+    return (params.outer, params.attention), params.experts
+
+
+def _join(attention_side, experts) -> SepParams:
+    outer, attention = attention_side
+    return SepParams(outer, attention, experts)
+
+
+class SeparatedTrainer:
+    """The `Trainer` interface (`init`, `step`, `evaluate`, `abstract_state`, `batch_sharding`)
+    for a separated layout."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        sep: Separation,
+        devices: Sequence[jax.Device],
+        tc: recipe.TrainConfig,
+        *,
+        balance: bool = True,
+    ):
+        if jax.process_count() > 1:
+            raise ConfigError(f"{sep.name} trains in one process; run it without --num-processes")
+        self.cfg, self.sep, self.tc, self.devices = cfg, sep, tc, list(devices)
+        self.run = Separated(cfg, sep, self.devices)
+        self.batch_sharding = SingleDeviceSharding(self.devices[0])
+        self.schedule = recipe.schedule(tc)
+        tx = recipe.adamw(tc)
+        self._tx = tx
+        self._update = jax.jit(self._apply, donate_argnums=(0, 1))
+        self._norm_sq = jax.jit(lambda g: sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g)))
+        abstract = self.run.abstract_params()
+        opt = tuple(jax.eval_shape(tx.init, side) for side in _sides(abstract))
+        opt = tuple(_like_params(o, side) for o, side in zip(opt, _sides(abstract), strict=True))
+        self.abstract_state = (abstract, opt)
+        self.rebalancer = Rebalancer(tc.rebalance_every, tc.rebalance_threshold)
+        self.balance = balance
+        self.samples: list[Sample] = []
+        self.predictor: StepTimeModel | None = None
+
+    # ---- the Trainer interface ----------------------------------------------------------------
+    def init(self):
+        state = nnx.split(Transformer(self.cfg, nnx.Rngs(self.tc.seed)))[1]
+        params = self.run.put(state)
+        opt = tuple(self._tx.init(side) for side in _sides(params))
+        if self.balance:
+            self._choose_micro_batches(params)
+        return params, opt
+
+    def step(self, params: SepParams, opt_state, batch, step: int):
+        batch = np.asarray(batch)
+        key = None
+        if self.cfg.expert_dropout > 0:
+            key = jax.random.fold_in(jax.random.key(self.tc.seed + 1), step)
+        with Timeline() as timeline:
+            self.run.timeline = timeline
+            metrics, grads = self.run.loss_and_grads(params, batch[:, :-1], batch[:, 1:], key)
+        self.run.timeline = None
+        norm = math.sqrt(sum(float(self._norm_sq(side)) for side in _sides(grads)))
+        scale = self.tc.grad_clip / max(norm, self.tc.grad_clip)
+        sides = [
+            self._update(p, o, g, scale)
+            for p, o, g in zip(_sides(params), opt_state, _sides(grads), strict=True)
+        ]
+        params = _join(sides[0][0], sides[1][0])
+        opt_state = (sides[0][1], sides[1][1])
+        busy = timeline.overlap().busy_s
+        metrics |= {
+            "grad_norm": norm,
+            "lr": float(self.schedule(step)),
+            "micro_batches": self.run.cfg.micro_batches,
+            "attention_busy_s": busy["attention"],
+            "expert_busy_s": busy["experts"],
+        }
+        if self.rebalancer.observe(step + 1, busy["attention"], busy["experts"]):
+            metrics["rebalanced_from"] = self.run.cfg.micro_batches
+            if self.balance:  # the machine may have changed: time the pieces afresh
+                self.samples.clear()
+                self._choose_micro_batches(params)
+        return params, opt_state, metrics
+
+    def evaluate(self, params: SepParams, batch) -> float:
+        batch = np.asarray(batch)
+        return self.run.cross_entropy(params, batch[:, :-1], batch[:, 1:])
+
+    # ---- pieces ----------------------------------------------------------------------------------
+    def _apply(self, params, opt_state, grads, scale):
+        grads = jax.tree.map(lambda g: g * scale, grads)
+        updates, opt_state = self._tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def _choose_micro_batches(self, params: SepParams) -> None:
+        """Time both pieces at every micro-batch count that fits (once each), fit the predictor
+        and run at the count it predicts fastest."""
+        known = {s.tokens for s in self.samples}
+        options = []
+        for m in MICRO_BATCH_OPTIONS:
+            try:
+                run = Separated(self.cfg.replace(micro_batches=m), self.sep, self.devices)
+            except ConfigError:
+                continue
+            options.append(m)
+            if run.rows * self.cfg.seq_len not in known:
+                self.samples.append(measure_pieces(run, params, iters=3))
+        self.predictor = StepTimeModel.fit(self.samples, steps=500)
+        a, x = self.sep.attention.n_devices, self.sep.experts.n_devices
+        split = choose_split(
+            self.predictor,
+            self.cfg.tokens,
+            micro_batches_options=options,
+            device_splits=((a, x),),
+        )
+        if split.micro_batches != self.run.cfg.micro_batches:
+            self.run = Separated(
+                self.cfg.replace(micro_batches=split.micro_batches), self.sep, self.devices
+            )
+
+
+def _like_params(opt_state, params):
+    """Abstract optimizer state with shardings: a moment takes its parameter's, a count the
+    sharding of the side's first parameter, replicated."""
+    shardings = {
+        tuple(path): leaf.sharding for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    }
+    first = jax.tree.leaves(params)[0].sharding
+    replicated = jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
+
+    def with_sharding(path, leaf):
+        for start in range(len(path)):
+            sharding = shardings.get(tuple(path[start:]))
+            if sharding is not None:
+                return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated)
+
+    return jax.tree_util.tree_map_with_path(with_sharding, opt_state)
+
+
+__all__ = ["SeparatedTrainer"]
