@@ -24,11 +24,11 @@ def test_compare_prints_table_and_writes_json(tmp_path):
     out = tmp_path / "compare.json"
     proc = run("compare", *SMALL, "--json", str(out))
     assert proc.returncode == 0, proc.stderr
-    for name in meshes.REGISTRY:
+    for name in meshes.LAYOUTS:
         assert f"\n{name} " in proc.stdout
     doc = json.loads(out.read_text())
     assert doc["config"]["d_model"] == 64
-    assert set(doc["strategies"]) == set(meshes.REGISTRY) >= {"tp16", "ep16", "tp8_pp2"}
+    assert set(doc["strategies"]) == set(meshes.LAYOUTS) >= {"tp16", "ep16", "ma_separation"}
     for entry in doc["strategies"].values():
         assert entry["max_abs_err"] <= 1e-4 * entry["logits_scale"]
         assert 0.9 <= entry["bytes_vs_textbook"] <= 1.1
@@ -42,6 +42,9 @@ def test_compare_prints_table_and_writes_json(tmp_path):
     assert pipelined["mesh"] == {"pipe": 2, "tensor": 8}
     assert pipelined["bubble_fraction"] == 1 / 5  # 4 micro-batches, 2 stages
     assert pipelined["collectives"]["collective-permute"]["count"] == 5
+    separated = doc["strategies"]["ma_separation"]
+    assert separated["separation"]["transfer_vs_textbook"] == 1.0
+    assert separated["collectives_per_layer"]["transfer"]["count"] == 8  # 4 micro-batches
 
 
 @pytest.mark.parametrize(
@@ -59,6 +62,9 @@ def test_compare_prints_table_and_writes_json(tmp_path):
         (["--strategies", "tp16", "--devices", "8"], "needs 16 devices, 8 given"),
         (["--strategies", "tp8_pp2", "--set", "micro_batches=3"], "micro_batches=3"),
         (["--strategies", "tp8_pp2", "--set", "n_layers=3"], "n_layers=3"),
+        (["--strategies", "ma_separation:16+4"], "16 attention + 4 expert devices exceed"),
+        (["--strategies", "ma_separation", "--set", "n_experts=6"], "n_experts=6 does not split"),
+        (["--strategies", "ma_separation:12"], "expected ma_separation:A+X"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(args, needle):
