@@ -7,6 +7,10 @@
                          beside its roofline bound on the paper's hardware and the paper's claim
   device                 one model on one device of the platform at hand (a GPU where there is
                          one): measured against that device's bound, MFU and HBM bandwidth
+  explain STRATEGY       per parameter its logical axes, partition spec and bytes per device;
+                         per layer its collectives; memory per device
+  plan                   which placement for a model on a machine: every strategy (and
+                         ma_separation split) ranked by its bound for prefill and decode
 
 The program sets the CPU device count itself (16, or 16 / --num-processes per process).
 """
@@ -17,11 +21,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import meshes
-from experiments import compare_cmd, device_cmd, experiment_cmd, train_cmd
+from experiments import (
+    compare_cmd,
+    device_cmd,
+    experiment_cmd,
+    explain_cmd,
+    plan_cmd,
+    train_cmd,
+)
 from jaxmoe.config import DEFAULT_PRESET, ConfigError
 from jaxmoe.train.loop import TrainingDiverged
 
-COMMANDS = ("compare", "train", "experiment", "device")
+COMMANDS = ("compare", "train", "experiment", "device", "plan", "explain")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +105,25 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     device.add_argument("--iters", type=int, default=50)
     device.add_argument("--json", type=Path, help="also write the rows here as JSON")
 
+    plan = commands.add_parser("plan", help="rank every placement by its bound")
+    plan.add_argument("--config", default="paper000", help="a preset or a paper (its full model)")
+    plan.add_argument("--hardware", default="h100x16", help="a hardware profile")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--batch", type=int, help="sequences (default: the config's)")
+    plan.add_argument("--seq", type=int, help="context length (default: the config's)")
+    plan.add_argument(
+        "--strategies", help="comma-separated candidates (default: all, and ma_separation splits)"
+    )
+    plan.add_argument("--json", type=Path, help="also write the ranking here as JSON")
+
+    explain = commands.add_parser(
+        "explain", help="what a strategy does to the model, per parameter"
+    )
+    explain.add_argument("strategy", help="a registered strategy or ma_separation[:A+X[/R]]")
+    explain.add_argument("--config", default=DEFAULT_PRESET, help="a named configuration")
+    explain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    explain.add_argument("--json", type=Path, help="also write the explanation here as JSON")
+
     argv = list(argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv.insert(0, "compare")
@@ -109,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             experiment_cmd.run(args)
         elif args.command == "device":
             device_cmd.run(args)
+        elif args.command == "plan":
+            plan_cmd.run(args)
+        elif args.command == "explain":
+            explain_cmd.run(args)
         else:
             compare_cmd.run(args)
     except ConfigError as err:
