@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
+from matplotlib.figure import Figure  # no pyplot: files only, and no backend chosen for others
 
 PANELS = (("prefill", "tps", "prefill tokens/s (higher is better)"),
           ("decode", "tpot_ms", "decode ms per output token (lower is better)"))  # fmt: skip
@@ -16,7 +13,8 @@ PANELS = (("prefill", "tps", "prefill tokens/s (higher is better)"),
 def experiment_plot(doc: dict, path: Path) -> Path:
     """Two panels (prefill TPS, decode TPOT): per strategy, the overlapped and exposed-comm
     bounds as bars, the paper's claim as a red cross, the measured figure as a black dot."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     for ax, (phase, key, title) in zip(axes, PANELS, strict=True):
         rows = [r for r in doc["rows"] if r["phase"] == phase]
         names = [r["strategy"] for r in rows]
@@ -47,7 +45,6 @@ def experiment_plot(doc: dict, path: Path) -> Path:
     fig.suptitle(f"{doc['experiment']} ({doc['scale']}) on {doc['hardware']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
