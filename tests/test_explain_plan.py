@@ -80,3 +80,15 @@ def test_bad_names_get_one_line_listing_the_choices(args, message, capsys):
     assert run.main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "choose" in err
+
+
+def test_the_strategies_page_shows_each_layouts_rules_as_the_code_has_them():
+    from experiments.strategy_docs import PAGE, rules_table
+    from jaxmoe.separation import Separation
+
+    page = PAGE.read_text()
+    for name, layout in meshes.LAYOUTS.items():
+        assert f"## `{name}`" in page
+        parts = (layout.attention, layout.experts) if isinstance(layout, Separation) else (layout,)
+        for strategy in parts:
+            assert rules_table(strategy) in page, name

@@ -1,0 +1,112 @@
+"""Write `docs/strategies.md`: a page per strategy, its mesh, rules, collectives and bound.
+
+    python -m experiments.strategy_docs [--out docs/strategies.md]
+
+Everything on the page comes from the code and the compiled programs: the mesh and the rules from
+the strategy value, the why from its module's docstring, the collectives per layer from compiling
+`tiny_moe` under it (`compare`), the bound from `plan` on paper 000's model and the H100 x16
+profile. Run it again after changing a strategy; a test checks the rules on the page are the
+code's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+import jax
+
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "strategies.md"
+PLAN = ("paper000", "h100x16")
+
+
+def rules_table(strategy) -> str:
+    rows = [f"| `{axis}` | {' x '.join(f'`{a}`' for a in mesh_axes)} |"
+            for axis, mesh_axes in strategy.rules.items()]  # fmt: skip
+    return "| logical axis | mesh axes |\n|---|---|\n" + "\n".join(rows)
+
+
+def _mesh(strategy) -> str:
+    return " x ".join(f"{name}={size}" for name, size in strategy.mesh_shape)
+
+
+def page() -> str:
+    import meshes
+    from experiments import plan_cmd
+    from experiments.report import SHORT, human_bytes
+    from jaxmoe.analysis import hardware
+    from jaxmoe.compare import compare_strategies
+    from jaxmoe.config import preset
+    from jaxmoe.separation import Separation
+
+    cfg = preset("tiny_moe")
+    layouts = list(meshes.LAYOUTS.values())
+    reports = {r.strategy: r for r in compare_strategies(cfg, layouts, jax.devices())}
+    model = plan_cmd.plan_config(PLAN[0], [], None, None)
+    planned = plan_cmd.plan(model, hardware.get(PLAN[1]), list(meshes.LAYOUTS))["rows"]
+    parts = [
+        "# Strategies\n\nOne section per layout: its mesh, the rules that map the model's logical "
+        "axes (`jaxmoe/axes.py`) onto mesh axes, why its collectives are what they are (the "
+        "module's docstring), the collectives XLA put in each layer of `tiny_moe`'s forward pass, "
+        f"and its bound for paper 000's model on `{PLAN[1]}` (from `plan`). Written by "
+        "`python -m experiments.strategy_docs`; do not edit by hand."
+    ]
+    for name, layout in meshes.LAYOUTS.items():
+        module = importlib.import_module(_module_of(name))
+        r = reports[name]
+        collectives = ", ".join(
+            f"{count:g} {SHORT[kind]} ({human_bytes(sent)})"
+            for kind, (count, sent) in r.per_layer.items()
+            if count
+        )
+        bound = [row for row in planned if row["strategy"] == name]
+        bound_text = "; ".join(
+            f"{row['phase']}: "
+            + (
+                f"{row['tps']:,.0f} tokens/s"
+                if row["phase"] == "prefill"
+                else f"{row['tpot_ms']:.3g} ms per token"
+            )
+            + f", limited by {row['limit']}, {human_bytes(row['memory_bytes_per_device'])} "
+            f"per device{'' if row['fits'] else ' (does not fit)'}"
+            for row in bound
+        )
+        if isinstance(layout, Separation):
+            mesh = f"{_mesh(layout.attention)} (attention) + {_mesh(layout.experts)} (experts)"
+            rules = (
+                f"Attention mesh:\n\n{rules_table(layout.attention)}\n\n"
+                f"Expert mesh:\n\n{rules_table(layout.experts)}"
+            )
+        else:
+            mesh, rules = _mesh(layout), rules_table(layout)
+        parts.append(
+            f"## `{name}`\n\n{layout.description}.\n\n**Mesh:** {mesh}\n\n{rules}\n\n"
+            f"**Why:** {(module.__doc__ or '').strip()}\n\n"
+            f"**Collectives per layer** (tiny_moe, forward, per device): {collectives or 'none'}; "
+            f"{r.bytes_vs_textbook:.3f} x the textbook volume.\n\n"
+            f"**Bound** (paper 000, {PLAN[1]}): {bound_text or 'cannot run this model'}."
+        )
+    return "\n\n".join(parts) + "\n"
+
+
+def _module_of(name: str) -> str:
+    """The `meshes` module that defines a layout (by the part of its name before any `:`)."""
+    base = name.split(":")[0]
+    return f"meshes.{ {'heads_dims_4x4': 'heads_dims'}.get(base, base) }"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.strategy_docs")
+    parser.add_argument("--out", type=Path, default=PAGE)
+    args = parser.parse_args(argv)
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", 16)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(page())
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
