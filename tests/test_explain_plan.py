@@ -92,3 +92,17 @@ def test_the_strategies_page_shows_each_layouts_rules_as_the_code_has_them():
         parts = (layout.attention, layout.experts) if isinstance(layout, Separation) else (layout,)
         for strategy in parts:
             assert rules_table(strategy) in page, name
+
+
+def test_explain_ma_separation_gives_its_golden_partition_specs():
+    """Set JAXMOE_UPDATE_GOLDEN=1 to rewrite the snapshot after an intended change."""
+    import os
+
+    cfg = tiny(True, moe_every=2, n_layers=4, micro_batches=2)
+    doc = explain(cfg, meshes.get("ma_separation"), jax.devices()[:DEVICES])
+    specs = {f"{p['path']} [{p['mesh']}]": p["spec"] for p in doc["parameters"]}
+    path = GOLDEN / "ma_separation.json"
+    if os.environ.get("JAXMOE_UPDATE_GOLDEN"):
+        lines = (f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in sorted(specs.items()))
+        path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+    assert specs == json.loads(path.read_text())
