@@ -29,6 +29,12 @@ def _tokens(cfg):
     return tokens, np.roll(tokens, -1, axis=1)
 
 
+def _placed(cfg):
+    """The layout on the test devices, the model's parameters put on it, inputs and targets."""
+    run = _run(cfg)
+    return run, run.put(init_params(cfg, 0)[1]), *_tokens(cfg)
+
+
 @pytest.mark.parametrize("micro_batches", [1, 2])
 def test_logits_match_one_device(micro_batches):
     cfg = tiny(micro_batches=micro_batches)
@@ -82,10 +88,7 @@ def test_eight_bit_transfers_error_is_bounded_and_bytes_shrink():
 
 def test_training_and_forward_move_tokens_x_d_each_way_per_layer():
     cfg = tiny(micro_batches=2)
-    _, state = init_params(cfg, 0)
-    inputs, targets = _tokens(cfg)
-    run = _run(cfg)
-    params = run.put(state)
+    run, params, inputs, targets = _placed(cfg)
     textbook = cfg.tokens * cfg.d_model * cfg.compute_dtype.itemsize * cfg.n_moe_layers
     run.forward(params, inputs)
     assert run.moved["to_experts"] == run.moved["to_attention"] == textbook
@@ -169,10 +172,7 @@ def test_bad_layouts_get_one_line_errors(name, changes, message):
 
 def test_timeline_records_every_program_on_its_mesh():
     cfg = tiny(micro_batches=2)
-    _, state = init_params(cfg, 0)
-    inputs, targets = _tokens(cfg)
-    run = _run(cfg)
-    params = run.put(state)
+    run, params, inputs, targets = _placed(cfg)
     with Timeline() as timeline:
         run.timeline = timeline
         run.loss_and_grads(params, inputs, targets)

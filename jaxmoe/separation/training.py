@@ -36,6 +36,7 @@ from jaxmoe.separation.params import SepParams
 from jaxmoe.separation.runner import Separated
 from jaxmoe.separation.timeline import Timeline
 from jaxmoe.train import recipe
+from jaxmoe.train.steps import like_params
 
 MICRO_BATCH_OPTIONS = (1, 2, 4, 8)
 
@@ -75,7 +76,7 @@ class SeparatedTrainer:
         self._norm_sq = jax.jit(lambda g: sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g)))
         abstract = self.run.abstract_params()
         opt = tuple(jax.eval_shape(tx.init, side) for side in _sides(abstract))
-        opt = tuple(_like_params(o, side) for o, side in zip(opt, _sides(abstract), strict=True))
+        opt = tuple(_abstract_state(o, side) for o, side in zip(opt, _sides(abstract), strict=True))
         self.abstract_state = (abstract, opt)
         self.rebalancer = Rebalancer(tc.rebalance_every, tc.rebalance_threshold)
         self.balance = balance
@@ -160,23 +161,17 @@ class SeparatedTrainer:
             )
 
 
-def _like_params(opt_state, params):
-    """Abstract optimizer state with shardings: a moment takes its parameter's, a count the
-    sharding of the side's first parameter, replicated."""
-    shardings = {
-        tuple(path): leaf.sharding for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-    }
+def _abstract_state(opt_state, params):
+    """The optimizer state of one mesh's `params` (abstract, with shardings), as abstract
+    arrays with shardings: moments like their parameters, step counts replicated."""
     first = jax.tree.leaves(params)[0].sharding
     replicated = jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
-
-    def with_sharding(path, leaf):
-        for start in range(len(path)):
-            sharding = shardings.get(tuple(path[start:]))
-            if sharding is not None:
-                return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated)
-
-    return jax.tree_util.tree_map_with_path(with_sharding, opt_state)
+    shardings = jax.tree.map(lambda a: a.sharding, params)
+    return jax.tree.map(
+        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+        opt_state,
+        like_params(opt_state, params, shardings, replicated),
+    )
 
 
 __all__ = ["SeparatedTrainer"]

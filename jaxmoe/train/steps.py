@@ -1,7 +1,7 @@
 """The jitted pieces of training under a strategy: sharded init, train step, evaluation.
 
 Parameters are made where they live (a jitted init with the strategy's output shardings), and
-Adam's moments are given their parameters' shardings explicitly (`_like_params`), so the
+Adam's moments are given their parameters' shardings explicitly (`like_params`), so the
 optimizer state is split like the model and checkpoints restore into the same layout. Batches
 [B, S + 1] arrive split by rows over every device (each process holds its rows); the model's
 constraints lay the tokens out as the strategy wants inside the step.
@@ -63,7 +63,12 @@ def make_trainer(
         return nnx.split(Transformer(cfg, nnx.Rngs(tc.seed)))[1]
 
     init_params = jax.jit(make_params, out_shardings=placement.shardings)
-    opt_shardings = _like_params(jax.eval_shape(tx.init, placement.abstract), placement, replicated)
+    opt_shardings = like_params(
+        jax.eval_shape(tx.init, placement.abstract),
+        placement.abstract,
+        placement.shardings,
+        replicated,
+    )
     opt_init = jax.jit(tx.init, out_shardings=opt_shardings)
     abstract_opt = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -111,16 +116,15 @@ def make_trainer(
     )
 
 
-def _like_params(opt_state, placement: Placement, other: NamedSharding):
-    """Shardings for the optimizer state: a leaf whose path ends with a parameter's path (Adam's
-    moments) takes that parameter's sharding, the rest (step counts) `other`. (XLA would leave
-    moments made by zeros_like replicated: they do not depend on the parameters' values.)"""
+def like_params(opt_state, abstract, shardings, other):
+    """Shardings for the optimizer state of parameters `abstract` (shapes) laid out as
+    `shardings` (same tree): a leaf whose path ends with a parameter's path (Adam's moments)
+    takes that parameter's sharding, the rest (step counts) `other`. (XLA would leave moments
+    made by zeros_like replicated: they do not depend on the parameters' values.)"""
     by_path = {
         tuple(path): (leaf.shape, sharding)
         for (path, leaf), sharding in zip(
-            jax.tree_util.tree_leaves_with_path(placement.abstract),
-            jax.tree.leaves(placement.shardings),
-            strict=True,
+            jax.tree_util.tree_leaves_with_path(abstract), jax.tree.leaves(shardings), strict=True
         )
     }
 
