@@ -121,8 +121,7 @@ def explain(cfg: ModelConfig, layout: Strategy | Separation, devices: Sequence[j
 
 def _explain_separated(cfg: ModelConfig, sep: Separation, devices: Sequence[jax.Device]):
     run = Separated(cfg, sep, devices)
-    pieces = {phase: cost.compile_pieces(run, phase) for phase in ("forward", "decode")}
-    forward = pieces["forward"]
+    forward = cost.compile_pieces(run, "forward")
     params, collectives = [], []
     calls = cfg.micro_batches * cfg.n_blocks
     placed = run.abstract_params()  # every piece's program takes these as they are
@@ -143,7 +142,6 @@ def _explain_separated(cfg: ModelConfig, sep: Separation, devices: Sequence[jax.
             c["count"] *= calls / cfg.n_layers
             c["bytes_per_device"] *= calls / cfg.n_layers
             collectives.append(c)
-    decode = cost.memory(run, pieces["decode"], "decode")
     memory = cost.memory(run, forward, "forward")
     return {
         "strategy": sep.name,
@@ -155,5 +153,5 @@ def _explain_separated(cfg: ModelConfig, sep: Separation, devices: Sequence[jax.
             for mesh in ("attention", "experts")
             for part in ("parameters", "states", "temporaries")
         }
-        | {"attention_kv_cache": decode["attention_cache"]},
+        | {"attention_kv_cache": cost.cache_bytes(run)},
     }

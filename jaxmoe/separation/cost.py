@@ -30,8 +30,6 @@ from jaxmoe.analysis.roofline import Bound, program_bound
 from jaxmoe.model import KV
 from jaxmoe.separation.runner import Separated
 
-PHASES = ("forward", "prefill", "decode")
-
 
 def _like(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
@@ -180,6 +178,13 @@ def shard_bytes(tree) -> int:
     )
 
 
+def cache_bytes(run: Separated) -> int:
+    """KV cache bytes per attention device: every layer and micro-batch, keys and values."""
+    cfg = run.cfg
+    one = _like(run.kv_shape(), cfg.compute_dtype, run.cache_sharding)
+    return 2 * shard_bytes(one) * cfg.layers_per_block * cfg.n_blocks * cfg.micro_batches
+
+
 def memory(run: Separated, pieces: dict[str, jax.stages.Compiled], phase: str) -> dict[str, int]:
     """Bytes per device on each mesh: parameters, KV cache (all blocks and micro-batches), the
     states kept between pieces, and the largest temporaries of the mesh's programs; `total` is
@@ -192,10 +197,7 @@ def memory(run: Separated, pieces: dict[str, jax.stages.Compiled], phase: str) -
         per = math.prod(sharding.shard_shape(states)) * cfg.compute_dtype.itemsize
         return 2 * cfg.micro_batches * per
 
-    cache = 0
-    if phase != "forward":
-        one = _like(run.kv_shape(), cfg.compute_dtype, run.cache_sharding)
-        cache = 2 * shard_bytes(one) * cfg.layers_per_block * cfg.n_blocks * cfg.micro_batches
+    cache = 0 if phase == "forward" else cache_bytes(run)
 
     def temporaries(names):
         return max(memory_per_device(pieces[n])["temporaries"] for n in names)
