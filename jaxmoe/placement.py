@@ -16,7 +16,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxmoe.axes import Axis
 from jaxmoe.config import ModelConfig
 from jaxmoe.model import Transformer, loss_fn
-from jaxmoe.sharding import Strategy, check_divisible, laid_out_jit, param_shardings
+from jaxmoe.sharding import (
+    Strategy,
+    check_divisible,
+    laid_out_jit,
+    param_shardings,
+    with_shardings,
+)
 
 TOKENS = (Axis.BATCH, Axis.SEQ)  # [B, S]
 
@@ -41,11 +47,7 @@ class Placement:
         return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.token_sharding)
 
     def abstract_params(self) -> nnx.State:
-        return jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            self.abstract,
-            self.shardings,
-        )
+        return with_shardings(self.abstract, self.shardings)
 
     def put(self, state: nnx.State) -> nnx.State:
         """Copy parameters (e.g. made on one device) into this placement's layout."""

@@ -169,6 +169,13 @@ def constrain(x: jax.Array, logical: Sequence[Axis | None]) -> jax.Array:
 
 
 # ---- parameters ---------------------------------------------------------------------------
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """Abstract arrays (shapes and dtypes) given these shardings (same tree), for lowering."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
 def logical_specs(state: nnx.State) -> nnx.State:
     """The logical axes of every parameter, as a State of PartitionSpecs of `Axis` names."""
     return nnx.get_partition_spec(state)

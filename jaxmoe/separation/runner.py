@@ -39,7 +39,7 @@ from jaxmoe.separation import params as sp
 from jaxmoe.separation.layout import Separation
 from jaxmoe.separation.programs import Programs
 from jaxmoe.separation.timeline import Timeline
-from jaxmoe.sharding import param_shardings
+from jaxmoe.sharding import param_shardings, with_shardings
 
 INTER_MESH = ("to_experts", "to_attention")
 
@@ -94,15 +94,11 @@ class Separated:
         return jax.device_put(sp.split(state, self.cfg, self.sep, self.pieces), self.shardings)
 
     def abstract_params(self) -> sp.SepParams:
-        def like(a, s):
-            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-
-        pieces = self.pieces
-        return sp.SepParams(
-            jax.tree.map(like, pieces.outer[1], self.shardings.outer),
-            tuple(jax.tree.map(like, pieces.attention[1], s) for s in self.shardings.attention),
-            tuple(jax.tree.map(like, pieces.experts[1], s) for s in self.shardings.experts),
+        pieces, n = self.pieces, self.cfg.n_blocks
+        abstract = sp.SepParams(
+            pieces.outer[1], (pieces.attention[1],) * n, (pieces.experts[1],) * n
         )
+        return with_shardings(abstract, self.shardings)
 
     def model_state(self, params: sp.SepParams):
         """Separated parameters (or gradients) as the model's own state, on the host."""

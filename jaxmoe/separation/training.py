@@ -35,6 +35,7 @@ from jaxmoe.separation.layout import Separation
 from jaxmoe.separation.params import SepParams
 from jaxmoe.separation.runner import Separated
 from jaxmoe.separation.timeline import Timeline
+from jaxmoe.sharding import with_shardings
 from jaxmoe.train import recipe
 from jaxmoe.train.steps import like_params
 
@@ -167,11 +168,7 @@ def _abstract_state(opt_state, params):
     first = jax.tree.leaves(params)[0].sharding
     replicated = jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
     shardings = jax.tree.map(lambda a: a.sharding, params)
-    return jax.tree.map(
-        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-        opt_state,
-        like_params(opt_state, params, shardings, replicated),
-    )
+    return with_shardings(opt_state, like_params(opt_state, params, shardings, replicated))
 
 
 __all__ = ["SeparatedTrainer"]

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.model import Transformer, loss_fn
 from jaxmoe.placement import Placement, place
-from jaxmoe.sharding import Strategy
+from jaxmoe.sharding import Strategy, with_shardings
 from jaxmoe.train import recipe
 
 
@@ -70,11 +70,7 @@ def make_trainer(
         replicated,
     )
     opt_init = jax.jit(tx.init, out_shardings=opt_shardings)
-    abstract_opt = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        jax.eval_shape(tx.init, placement.abstract),
-        opt_shardings,
-    )
+    abstract_opt = with_shardings(jax.eval_shape(tx.init, placement.abstract), opt_shardings)
 
     def init():
         params = init_params()
