@@ -163,19 +163,14 @@ def separated_forward(run: Separated, state, tokens) -> tuple[np.ndarray, dict]:
     logits = run.forward(run.put(state), tokens)
     moved = {k: v / cfg.n_layers for k, v in run.moved.items()}
     pieces = cost.compile_pieces(run, "forward")
-    calls = cfg.micro_batches * cfg.n_blocks  # each piece runs this often in one pass
-    by_mesh, collectives = {}, []
-    for mesh, strategy in (("attention", sep.attention), ("experts", sep.experts)):
-        inv = inventory(
-            pieces["attend" if mesh == "attention" else "experts"].as_text(), strategy.axis_sizes
-        )
-        collectives += [
-            dataclasses.replace(c, executions=c.executions * calls) for c in inv.collectives
-        ]
-        by_mesh[mesh] = {
-            k: (t.count * calls / cfg.n_layers, t.bytes * calls / cfg.n_layers)
-            for k, t in inv.by_kind().items()
+    inventories = cost.mesh_inventories(run, pieces)
+    collectives = [c for inv in inventories.values() for c in inv.collectives]
+    by_mesh = {
+        mesh: {
+            k: (t.count / cfg.n_layers, t.bytes / cfg.n_layers) for k, t in inv.by_kind().items()
         }
+        for mesh, inv in inventories.items()
+    }
     a, x = sep.attention.n_devices, sep.experts.n_devices
     per_layer = {}
     for kind, (count_a, bytes_a) in by_mesh["attention"].items():

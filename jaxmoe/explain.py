@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
-from jaxmoe.analysis.collectives import inventory
+from jaxmoe.analysis.collectives import Inventory, inventory
 from jaxmoe.analysis.memory import memory_per_device
 from jaxmoe.compare import compile_forward
 from jaxmoe.config import ModelConfig
@@ -34,11 +34,13 @@ def _spec(sharding) -> list:
     return [list(p) if isinstance(p, tuple) else p for p in sharding.spec]
 
 
-def _collectives(text: str, axis_sizes: dict[str, int], n_layers: int) -> list[dict]:
-    """Collectives grouped by kind, mesh axes and place (in the layer loop: per layer)."""
+def _collectives(inv: Inventory, n_layers: int, in_layers: bool | None = None) -> list[dict]:
+    """Collectives grouped by kind, mesh axes and place: in the layer loop (or, `in_layers`,
+    all of them) per layer, the rest per call."""
     groups: dict[tuple, list] = defaultdict(lambda: [0, 0])
-    for c in inventory(text, axis_sizes).collectives:
-        where = "per layer" if c.loop_depth > 0 else "outside the layers"
+    for c in inv.collectives:
+        inside = c.loop_depth > 0 if in_layers is None else in_layers
+        where = "per layer" if inside else "outside the layers"
         key = (c.kind, "x".join(c.axes) if c.axes else "devices", where)
         groups[key][0] += c.executions
         groups[key][1] += c.executions * c.bytes_sent
@@ -109,7 +111,7 @@ def explain(cfg: ModelConfig, layout: Strategy | Separation, devices: Sequence[j
         "strategy": layout.name,
         "mesh": layout.axis_sizes,
         "parameters": params,
-        "collectives": _collectives(forward.as_text(), layout.axis_sizes, cfg.n_layers),
+        "collectives": _collectives(inventory(forward.as_text(), layout.axis_sizes), cfg.n_layers),
         "memory_per_device": {
             "parameters": held,
             "optimizer_state": opt_held,
@@ -123,7 +125,6 @@ def _explain_separated(cfg: ModelConfig, sep: Separation, devices: Sequence[jax.
     run = Separated(cfg, sep, devices)
     forward = cost.compile_pieces(run, "forward")
     params, collectives = [], []
-    calls = cfg.micro_batches * cfg.n_blocks
     placed = run.abstract_params()  # every piece's program takes these as they are
     for mesh, prefix, abstract in (
         ("attention", "", placed.outer),
@@ -135,17 +136,12 @@ def _explain_separated(cfg: ModelConfig, sep: Separation, devices: Sequence[jax.
             {**p, "path": f"{prefix}{p['path']}", "mesh": mesh}
             for p in _parameters(abstract, shardings)
         ]
-    sizes = {"attention": sep.attention.axis_sizes, "experts": sep.experts.axis_sizes}
-    for mesh, piece in (("attention", "attend"), ("experts", "experts")):
-        for c in _collectives(forward[piece].as_text(), sizes[mesh], 1):
-            c |= {"where": "per layer", "mesh": mesh}
-            c["count"] *= calls / cfg.n_layers
-            c["bytes_per_device"] *= calls / cfg.n_layers
-            collectives.append(c)
+    for mesh, inv in cost.mesh_inventories(run, forward).items():
+        collectives += [c | {"mesh": mesh} for c in _collectives(inv, cfg.n_layers, True)]
     memory = cost.memory(run, forward, "forward")
     return {
         "strategy": sep.name,
-        "mesh": sizes,
+        "mesh": {"attention": sep.attention.axis_sizes, "experts": sep.experts.axis_sizes},
         "parameters": params,
         "collectives": collectives,
         "memory_per_device": {

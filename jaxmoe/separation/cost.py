@@ -24,6 +24,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxmoe.analysis.collectives import Inventory, inventory
 from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.analysis.memory import memory_per_device
 from jaxmoe.analysis.roofline import Bound, program_bound
@@ -169,6 +170,21 @@ def separated_bound(
         ),
     }
     return SeparatedBound(bounds, transfers, cfg.n_blocks, cfg.micro_batches)
+
+
+def mesh_inventories(run: Separated, pieces: dict[str, jax.stages.Compiled]) -> dict:
+    """The collectives one pass issues inside the blocks, per mesh (`attention`, `experts`): each
+    piece's (one block, one micro-batch), run once per block and micro-batch."""
+    calls = run.cfg.micro_batches * run.cfg.n_blocks
+    found = {}
+    for mesh, piece, strategy in (
+        ("attention", "attend", run.sep.attention),
+        ("experts", "experts", run.sep.experts),
+    ):
+        inv = inventory(pieces[piece].as_text(), strategy.axis_sizes)
+        scaled = (dataclasses.replace(c, executions=c.executions * calls) for c in inv.collectives)
+        found[mesh] = Inventory(tuple(scaled))
+    return found
 
 
 def shard_bytes(tree) -> int:
