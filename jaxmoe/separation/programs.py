@@ -39,9 +39,11 @@ def send(x: jax.Array, bits: int):
 
 
 def receive(sent, dtype) -> jax.Array:
+    """What crossed, as [B, S, D] states laid out like the residual stream. Quantised states
+    take that layout before they are dequantised, so a gather on the way moves int8 values."""
     if not isinstance(sent, tuple):
         return sent
-    values, scale = sent
+    values, scale = (constrain(a, RESIDUAL) for a in sent)
     return (values.astype(jnp.float32) * scale).astype(dtype)
 
 
