@@ -16,6 +16,8 @@ The program sets the CPU device count itself (16, or 16 / --num-processes per pr
 """
 
 import argparse
+import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +32,7 @@ from experiments import (
     train_cmd,
 )
 from jaxmoe.config import DEFAULT_PRESET, ConfigError
-from jaxmoe.train.loop import TrainingDiverged
+from jaxmoe.train.loop import TrainingDiverged, TrainingFailed, TrainingInterrupted
 
 COMMANDS = ("compare", "train", "experiment", "device", "plan", "explain")
 
@@ -87,6 +89,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     train.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process: process 0")
     train.add_argument("--num-processes", type=int, default=1)
     train.add_argument("--process-id", type=int, default=0)
+    train.add_argument(
+        "--init-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="multi-process: give up when the coordinator or a peer is not there by then",
+    )
 
     experiment = commands.add_parser("experiment", help="a paper's setup against its bounds")
     experiment.add_argument("name", help="paper000 ... paper004, or all")
@@ -130,8 +139,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a scheduler's stop) ends a run as Ctrl-C does
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    notes = logging.StreamHandler(sys.stdout)  # the library's notes (a resume that changed
+    notes.setFormatter(logging.Formatter("note: %(message)s"))  # fields, a damaged checkpoint)
+    library = logging.getLogger("jaxmoe")
+    library.addHandler(notes)
+    library.propagate = False  # another library's root handler would print them twice
     try:
         if args.command == "train":
             train_cmd.run(args)
@@ -145,12 +164,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             explain_cmd.run(args)
         else:
             compare_cmd.run(args)
-    except ConfigError as err:
+    except (ConfigError, TrainingFailed) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was lost; run the same command again", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -8,19 +8,17 @@ unless set.
 """
 
 import argparse
-import os
 
 import jax
 
 import meshes
 from experiments.configs import config
-from jaxmoe.config import ConfigError, with_overrides
+from jaxmoe import runtime
+from jaxmoe.config import with_overrides
 from jaxmoe.train.loop import RunOptions, train
 from jaxmoe.train.recipe import TrainConfig
 
 RECIPE_DROPOUT = 0.1
-TASK_COUNTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")  # cluster launchers JAX detects
-COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 
 
 def run(args: argparse.Namespace) -> None:
@@ -54,23 +52,9 @@ def run(args: argparse.Namespace) -> None:
 
 def _start_runtime(args: argparse.Namespace) -> None:
     """CPU devices for this process, and JAX's multi-controller runtime when there are several."""
-    n = args.num_processes
-    if n < 1 or not 0 <= args.process_id < n:
-        raise ConfigError(f"--process-id {args.process_id} must be in 0..{n - 1}")
-    if args.devices % n:
-        raise ConfigError(f"--devices {args.devices} does not split over {n} processes")
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", args.devices // n)
-    if n > 1 or args.coordinator:
-        if not args.coordinator:
-            raise ConfigError("--num-processes > 1 needs --coordinator HOST:PORT (process 0's)")
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator, n, args.process_id)
-    elif os.environ.get(COORDINATOR_ENV) or any(
-        int(os.environ.get(v) or 0) > 1 for v in TASK_COUNTS
-    ):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize()
+    runtime.start(
+        args.devices, args.num_processes, args.process_id, args.coordinator, args.init_timeout
+    )
 
 
 __all__ = ["run"]

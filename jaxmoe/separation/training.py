@@ -37,7 +37,7 @@ from jaxmoe.separation.runner import Separated
 from jaxmoe.separation.timeline import Timeline
 from jaxmoe.sharding import with_shardings
 from jaxmoe.train import recipe
-from jaxmoe.train.steps import like_params
+from jaxmoe.train.steps import FINITE, all_finite, keep_unless, like_params
 
 MICRO_BATCH_OPTIONS = (1, 2, 4, 8)
 
@@ -103,13 +103,16 @@ class SeparatedTrainer:
             metrics, grads = self.run.loss_and_grads(params, batch[:, :-1], batch[:, 1:], key)
         self.run.timeline = None
         norm = math.sqrt(sum(float(self._norm_sq(side)) for side in _sides(grads)))
-        scale = self.tc.grad_clip / max(norm, self.tc.grad_clip)
-        sides = [
-            self._update(p, o, g, scale)
-            for p, o, g in zip(_sides(params), opt_state, _sides(grads), strict=True)
-        ]
-        params = _join(sides[0][0], sides[1][0])
-        opt_state = (sides[0][1], sides[1][1])
+        finite = math.isfinite(norm) and math.isfinite(float(metrics["loss"]))
+        if finite:  # else the state stays as it was and the step reports it
+            scale = self.tc.grad_clip / max(norm, self.tc.grad_clip)
+            sides = [
+                self._update(p, o, g, scale)
+                for p, o, g in zip(_sides(params), opt_state, _sides(grads), strict=True)
+            ]
+            finite = all(bool(ok) for _, _, ok in sides)
+            params = _join(sides[0][0], sides[1][0])
+            opt_state = (sides[0][1], sides[1][1])
         busy = timeline.overlap().busy_s
         metrics |= {
             "grad_norm": norm,
@@ -117,6 +120,7 @@ class SeparatedTrainer:
             "micro_batches": self.run.cfg.micro_batches,
             "attention_busy_s": busy["attention"],
             "expert_busy_s": busy["experts"],
+            FINITE: finite,
         }
         if self.rebalancer.observe(step + 1, busy["attention"], busy["experts"]):
             metrics["rebalanced_from"] = self.run.cfg.micro_batches
@@ -131,9 +135,12 @@ class SeparatedTrainer:
 
     # ---- pieces ----------------------------------------------------------------------------------
     def _apply(self, params, opt_state, grads, scale):
+        """One side's update, or its state unchanged (and False) if that would not be finite."""
         grads = jax.tree.map(lambda g: g * scale, grads)
-        updates, opt_state = self._tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
+        updates, new_opt_state = self._tx.update(grads, opt_state, params)
+        new = (optax.apply_updates(params, updates), new_opt_state)
+        finite = all_finite(new)
+        return (*keep_unless(finite, new, (params, opt_state)), finite)
 
     def _choose_micro_batches(self, params: SepParams) -> None:
         """Time both pieces at every micro-batch count that fits (once each), fit the predictor

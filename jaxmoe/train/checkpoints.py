@@ -5,18 +5,41 @@ the last `keep` kept. A checkpoint records the model config and the strategy tha
 restores only into the same ones (each strategy restores its own checkpoints, into its own
 shardings). Orbax writes a step to a temporary directory and renames it when complete, so a run
 killed mid-save leaves the previous checkpoint intact.
+
+Restoring takes the newest step that reads back whole and finite. A step that does not (a data
+file, manifest or metadata missing or cut short, an unreadable data position, non-finite values)
+is moved aside to DIR.damaged/STEP, never deleted, and the step before it is tried; each step set
+aside is one line of `Restored.notes`.
 """
 
+import contextlib
 import dataclasses
 import json
+import logging
+import os
+import re
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.train.steps import all_finite
 
 ITEMS = ("state", "data", "meta")
+DAMAGED = "damaged"
+QUIET_LOGGERS = ("absl", "orbax")  # they log each failed read at length; we say it in one line
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    step: int
+    state: Any
+    data: dict
+    notes: tuple[str, ...]  # one line per step set aside, then one for changed training fields
 
 
 class Checkpoints:
@@ -30,20 +53,86 @@ class Checkpoints:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        # orbax logs each failed read or write with its traceback (on the root logger's handler);
+        # the run says it in one line instead, so they are quiet while the manager is open
+        self._levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        _drop_late_callbacks()
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
-    def check(self, step: int) -> None:
-        """Refuse, in one line, a checkpoint written for another model or strategy."""
-        try:
-            saved = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        except Exception as err:  # orbax raises many kinds for unreadable files
+    def check(self) -> None:
+        """Refuse, in one line, checkpoints written for another model or strategy: the newest
+        step whose config reads back decides (an unreadable one is left to `restore`)."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                saved = self._read(step, meta=ocp.args.JsonRestore())["meta"]
+            except Exception:  # damaged: `restore` sets it aside
+                continue
+            self._check_meta(saved)
+            return
+
+    def restore(self, abstract_state: Any) -> Restored | None:
+        """The newest step that restores whole and finite into `abstract_state`'s shardings,
+        falling back past damaged ones; None when there is no step at all."""
+        notes = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self._read(
+                    step,
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                )
+                problem = _problem(restored)
+            except Exception as err:  # orbax and tensorstore raise many kinds for bad files
+                problem = _reason(err)
+            if problem is None:
+                self._check_meta(restored["meta"])
+                notes += self._changes(step, restored["meta"])
+                return Restored(step, restored["state"], restored["data"], tuple(notes))
+            notes.append(
+                f"checkpoint {step} is damaged ({problem}); {self.set_aside(step, DAMAGED)}"
+            )
+        if notes:
             raise ConfigError(
-                f"checkpoint {self.directory}/{step} is unreadable ({type(err).__name__}); "
-                f"move it away or use another --workdir"
-            ) from None
-        saved = saved["meta"]
+                f"no checkpoint in {self.directory} reads back ({len(notes)} damaged, moved to "
+                f"{self._aside(DAMAGED)}); run again to start afresh, or use another --workdir"
+            )
+        return None
+
+    def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
+        """Start saving `step` (the write goes on in the background); a failed write of the
+        previous save is raised here as an OSError."""
+        with _os_errors(self.directory):
+            return self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state),
+                    meta=ocp.args.JsonSave(self.meta),
+                ),
+                force=force,
+            )
+
+    def close(self) -> None:
+        """Wait for pending saves (a failed write is raised as an OSError) and release the
+        manager."""
+        try:
+            with _os_errors(self.directory):
+                self.manager.wait_until_finished()
+        finally:
+            self.manager.close()
+            for name, level in self._levels.items():
+                logging.getLogger(name).setLevel(level)
+
+    # ---- pieces -------------------------------------------------------------------------------
+    def _read(self, step: int, **items) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(**items))
+
+    def _check_meta(self, saved: dict) -> None:
         for key in ("strategy", "model"):
             if saved.get(key) != self.meta[key]:
                 diff = _difference(saved.get(key), self.meta[key])
@@ -52,31 +141,81 @@ class Checkpoints:
                     f"use another --workdir, or the same {key} as the run that wrote them"
                 )
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        self.check(step)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-            ),
-        )
-        return restored["state"], restored["data"]
+    def _changes(self, step: int, saved: dict) -> list[str]:
+        """One line naming the training fields (optimizer, schedule, seeds) that differ from the
+        ones the checkpoint was written with, if any."""
+        before, now = saved.get("train", {}), self.meta["train"]
+        if before == now:
+            return []
+        return [
+            f"resuming step {step} with changed training fields ({_difference(before, now, 99)}); "
+            f"the learning rate follows the new schedule from here"
+        ]
 
-    def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                meta=ocp.args.JsonSave(self.meta),
-            ),
-            force=force,
-        )
+    def set_aside(self, step: int, why: str) -> str:
+        """Move step `step`'s directory to DIR.WHY/STEP, out of the manager's sight (never
+        delete it); says where."""
+        if jax.process_index() != 0:
+            return "process 0 moves it aside"
+        target, n = self._aside(why) / str(step), 1
+        while target.exists():
+            target, n = self._aside(why) / f"{step}.{n}", n + 1
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(self.directory / str(step), target)
+        self.manager.reload()
+        return f"moved to {target}"
 
-    def close(self) -> None:
-        """Wait for pending saves and release the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def _aside(self, why: str) -> Path:
+        return self.directory.with_name(f"{self.directory.name}.{why}")
+
+
+def _problem(restored: dict) -> str | None:
+    """Why a checkpoint that read back cannot be trusted, or None."""
+    if not isinstance(restored["data"], dict) or "rows" not in restored["data"]:
+        return "its data position has no rows"
+    if not isinstance(restored["meta"], dict) or "model" not in restored["meta"]:
+        return "its config is incomplete"
+    if not bool(jax.jit(all_finite)(restored["state"])):
+        return "it holds non-finite values"
+    return None
+
+
+@contextlib.contextmanager
+def _os_errors(directory: Path):
+    """Tensorstore reports a failed write (a full disk, a lost permission) as a ValueError that
+    carries the OS error code: raise it as the OSError it is."""
+    try:
+        yield
+    except Exception as err:
+        code = re.search(r"os_error_code='(\d+)'", str(err))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(directory)) from err
+
+
+def _drop_late_callbacks() -> None:
+    """After a failed read or write, tensorstore's operations still in flight call back into
+    orbax's event loop, which is closed by then; each such callback's RuntimeError would print a
+    traceback. Drop exactly those, and pass every other unraisable exception on."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop", False):
+        return
+
+    def hook(unraisable) -> None:
+        err = unraisable.exc_value
+        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
+def _reason(err: Exception) -> str:
+    """The first line of an orbax or tensorstore error, shortened."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = text if len(text) <= 120 else text[:117] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def meta(cfg: ModelConfig, strategy: str, train: Any) -> dict:
@@ -87,8 +226,8 @@ def meta(cfg: ModelConfig, strategy: str, train: Any) -> dict:
     }
 
 
-def _difference(saved: Any, wanted: Any) -> str:
+def _difference(saved: Any, wanted: Any, most: int = 3) -> str:
     if isinstance(saved, dict) and isinstance(wanted, dict):
         keys = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
-        return ", ".join(f"{k}: saved {saved.get(k)!r}, now {wanted.get(k)!r}" for k in keys[:3])
+        return ", ".join(f"{k}: saved {saved.get(k)!r}, now {wanted.get(k)!r}" for k in keys[:most])
     return f"saved {saved!r}, now {wanted!r}"

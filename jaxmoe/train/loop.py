@@ -7,9 +7,12 @@ checked before the first compile: data files, tokenizer, config against strategy
 checkpoint's config and strategy.
 """
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -19,17 +22,32 @@ from tqdm import tqdm
 
 from jaxmoe import data
 from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.paths import writable_dir
 from jaxmoe.separation import Separation
 from jaxmoe.separation.training import SeparatedTrainer
 from jaxmoe.sharding import Strategy
 from jaxmoe.train import checkpoints
 from jaxmoe.train.batches import RowStreams, local_rows
+from jaxmoe.train.lock import WorkdirLock
 from jaxmoe.train.recipe import TrainConfig
-from jaxmoe.train.steps import make_trainer, summarize
+from jaxmoe.train.steps import FINITE, make_trainer, summarize
+from jaxmoe.train.stop import GracefulStop
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss stopped being finite; the last good checkpoint is kept."""
+    """A step's loss, gradient norm or update was not finite: the step was not applied, nothing
+    after it saved, and a checkpoint that would diverge again at once is set aside."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C or SIGTERM: during the steps, the step in hand is finished and saved (a second
+    signal does not wait); what is kept is said."""
+
+
+class TrainingFailed(RuntimeError):
+    """A write failed during the run (a full disk, a lost permission); what is kept is said."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +95,13 @@ def train(
     devices: list[jax.Device] | None = None,
 ) -> dict:
     _check_options(opts)
+    lead = jax.process_index() == 0
+    writable_dir(opts.workdir, "--workdir")
+    with WorkdirLock(opts.workdir) if lead else contextlib.nullcontext():
+        return _train(cfg, strategy, tc, opts, devices)
+
+
+def _train(cfg, strategy, tc, opts, devices) -> dict:
     if devices is None:  # a strategy on fewer devices than there are takes the first ones
         devices = jax.devices()
         devices = devices[: strategy.n_devices] if jax.process_count() == 1 else devices
@@ -94,65 +119,163 @@ def train(
         save_every=opts.save_every,
         meta=checkpoints.meta(cfg, strategy.name, tc),
     )
-    start = ckpt.latest()
-    if start is not None:
-        ckpt.check(start)  # a foreign checkpoint is refused before anything compiles
+    ckpt.check()  # a foreign checkpoint is refused before anything compiles
+    run = _Run(ckpt)
+    try:
+        last = run.go(cfg, strategy, tc, opts, devices, train_files, valid_files, tokenizer, lead)
+        run.close()  # waits for the last save: a failed write shows here
+        return last
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(run.interrupted()) from None
+    except OSError as err:
+        raise TrainingFailed(run.failed(err)) from None
+    except BaseException:
+        run.close(quietly=True)
+        raise
 
-    if isinstance(strategy, Separation):
-        trainer = SeparatedTrainer(cfg, strategy, devices, tc)
-    else:
-        trainer = make_trainer(cfg, strategy, devices, tc)
-    rows = local_rows(cfg.batch)
-    stream = dict(seq_len=cfg.seq_len, batch=cfg.batch, seed=tc.data_seed, rows=rows)
-    batches = RowStreams(train_files, tokenizer, shuffle=True, repeat=True, **stream)
-    held_out = RowStreams(valid_files, tokenizer, shuffle=False, repeat=False, **stream)
-    valid = [_global(trainer, b) for b, _ in zip(held_out, range(tc.eval_batches), strict=False)]
-    if not valid:
-        raise ConfigError(f"validation files {valid_files} give no batch of {cfg.seq_len} tokens")
 
-    if start is None:
-        start = 0
-        params, opt_state = trainer.init()
-    else:
-        (params, opt_state), data_state = ckpt.restore(start, trainer.abstract_state)
-        batches.set_state(data_state["rows"])
-    metrics_path = opts.workdir / "metrics.jsonl"
-    if lead:
-        _keep_lines_up_to(metrics_path, start)
+class _Run:
+    """One run, and what to say when it stops early."""
 
-    tokens_per_step = cfg.batch * cfg.seq_len
-    bar = tqdm(
-        range(start, opts.steps),
-        initial=start,
-        total=opts.steps,
-        disable=not (lead and opts.progress),
-        desc=f"train {strategy.name}",
-    )
-    last: dict = {}
-    for step in bar:
-        batch = _global(trainer, next(batches))
-        t0 = time.perf_counter()
-        params, opt_state, metrics = trainer.step(params, opt_state, batch, step)
-        last = {"step": step + 1, **summarize(metrics)}  # blocks on the step
-        last["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
-        if not math.isfinite(last["loss"]):
-            ckpt.close()
-            raise TrainingDiverged(
-                f"loss is {last['loss']} at step {step + 1}; the last good checkpoint "
-                f"(step {ckpt.latest()}) is kept in {ckpt.directory}; lower learning_rate "
-                f"(--set learning_rate=...) and run again"
+    def __init__(self, ckpt: checkpoints.Checkpoints):
+        self.ckpt = ckpt
+        self.closed = False
+
+    def go(self, cfg, strategy, tc, opts, devices, train_files, valid_files, tokenizer, lead):
+        ckpt = self.ckpt
+        if isinstance(strategy, Separation):
+            trainer = SeparatedTrainer(cfg, strategy, devices, tc)
+        else:
+            trainer = make_trainer(cfg, strategy, devices, tc)
+        _check_disk(opts.workdir, trainer.abstract_state)
+        rows = local_rows(cfg.batch)
+        stream = dict(seq_len=cfg.seq_len, batch=cfg.batch, seed=tc.data_seed, rows=rows)
+        batches = RowStreams(train_files, tokenizer, shuffle=True, repeat=True, **stream)
+        held_out = RowStreams(valid_files, tokenizer, shuffle=False, repeat=False, **stream)
+        valid = [
+            _global(trainer, b) for b, _ in zip(held_out, range(tc.eval_batches), strict=False)
+        ]
+        if not valid:
+            raise ConfigError(
+                f"validation files {valid_files} give no batch of {cfg.seq_len} tokens"
             )
-        if (step + 1) % opts.eval_every == 0 or step + 1 == opts.steps:
-            val = float(np.mean([trainer.evaluate(params, b) for b in valid]))
-            last |= {"val_loss": val, "val_ppl": math.exp(val)}
+
+        restored = ckpt.restore(trainer.abstract_state)
+        if restored is None:
+            start = 0
+            params, opt_state = trainer.init()
+        else:
+            start = restored.step
+            if start >= opts.steps:
+                raise ConfigError(
+                    f"--steps {opts.steps}: {ckpt.directory} is already at step {start}; "
+                    f"raise --steps to train further, or use another --workdir"
+                )
+            params, opt_state = restored.state
+            batches.set_state(restored.data["rows"])
+            for note in restored.notes if lead else ():
+                log.warning(note)
+        metrics_path = opts.workdir / "metrics.jsonl"
         if lead:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(last) + "\n")
-            bar.set_postfix(loss=f"{last['loss']:.3f}")
-        if ckpt.manager.should_save(step + 1) or step + 1 == opts.steps:
-            ckpt.save(step + 1, (params, opt_state), {"rows": batches.get_state()}, force=True)
-    ckpt.close()
-    return last
+            _keep_lines_up_to(metrics_path, start)
+
+        tokens_per_step = cfg.batch * cfg.seq_len
+        bar = tqdm(
+            range(start, opts.steps),
+            initial=start,
+            total=opts.steps,
+            disable=not (lead and opts.progress),
+            desc=f"train {strategy.name}",
+        )
+        last: dict = {}
+        with GracefulStop() as stop:
+            for step in bar:
+                batch = _global(trainer, next(batches))
+                t0 = time.perf_counter()
+                params, opt_state, metrics = trainer.step(params, opt_state, batch, step)
+                finite = bool(metrics[FINITE])  # blocks on the step
+                last = {"step": step + 1, **summarize(metrics)}
+                last["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
+                if not finite:
+                    raise TrainingDiverged(self.diverged(step + 1, last))
+                if (step + 1) % opts.eval_every == 0 or step + 1 == opts.steps:
+                    val = float(np.mean([trainer.evaluate(params, b) for b in valid]))
+                    last |= {"val_loss": val, "val_ppl": math.exp(val)}
+                if lead:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(last) + "\n")
+                    bar.set_postfix(loss=f"{last['loss']:.3f}")
+                done = step + 1 == opts.steps or stop.requested
+                if ckpt.manager.should_save(step + 1) or done:
+                    state, rows_state = (params, opt_state), {"rows": batches.get_state()}
+                    ckpt.save(step + 1, state, rows_state, force=True)
+                if stop.requested:
+                    raise TrainingInterrupted(self.stopped(step + 1))
+        return last
+
+    def close(self, quietly: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.ckpt.close()
+        except Exception:
+            if not quietly:
+                raise
+
+    def kept(self) -> str:
+        latest = self.ckpt.latest()
+        if latest is None:
+            return f"no checkpoint is in {self.ckpt.directory}"
+        return f"the last good checkpoint (step {latest}) is kept in {self.ckpt.directory}"
+
+    def diverged(self, step: int, metrics: dict) -> str:
+        """Wait for saves; a checkpoint of the state that gave a non-finite loss or gradient
+        (it would diverge again at once) is set aside; say what is kept."""
+        self.ckpt.manager.wait_until_finished()
+        values = f"loss {metrics['loss']:.4g}, gradient norm {metrics['grad_norm']:.4g}"
+        intrinsic = not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]))
+        aside = ""
+        if intrinsic and self.ckpt.latest() == step - 1:
+            where = self.ckpt.set_aside(step - 1, "diverged")
+            aside = f"; the checkpoint of step {step - 1} led to it and was {where}"
+        message = (
+            f"training diverged at step {step} ({values}{aside}); the step was not applied and "
+            f"{self.kept()}; lower learning_rate (--set learning_rate=...) and run the same "
+            f"command again"
+        )
+        self.close()
+        return message
+
+    def stopped(self, step: int) -> str:
+        self.close()
+        return (
+            f"interrupted: stopped after step {step} and saved it; {self.kept()}; run the same "
+            f"command to resume"
+        )
+
+    def interrupted(self) -> str:
+        self.close(quietly=True)
+        return f"interrupted; {self.kept()}; run the same command to resume"
+
+    def failed(self, err: OSError) -> str:
+        self.close(quietly=True)  # the failed write is what stops the run: report that
+        where = f" writing {err.filename}" if err.filename else ""
+        return (
+            f"{err.strerror or err}{where}; {self.kept()}; free space or fix the permissions "
+            f"and run the same command to resume"
+        )
+
+
+def _check_disk(workdir: Path, abstract_state) -> None:
+    """Refuse to start when the work directory's disk cannot take one checkpoint."""
+    need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+    free = shutil.disk_usage(workdir).free
+    if free < need:
+        raise ConfigError(
+            f"--workdir {workdir}: a checkpoint takes up to {need / 2**20:.1f} MiB but its disk "
+            f"has {free / 2**20:.1f} MiB free; free space, or use a --workdir on another disk"
+        )
 
 
 def _global(trainer, local: np.ndarray) -> jax.Array:

@@ -10,8 +10,10 @@ import dataclasses
 import jax
 import optax
 
-from jaxmoe.config import ConfigError
+from jaxmoe.config import check_finite, fail
 from jaxmoe.placement import path_name
+
+MAX_SEED = 2**31 - 1  # seeds go to jax.random.key and numpy's generators (no negatives there)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,27 +34,35 @@ class TrainConfig:
     rebalance_threshold: float = 0.05  # ma_separation: rebalance when the sides differ more
 
     def __post_init__(self) -> None:
+        check_finite(self)  # nan and inf parse as floats: refused here, field by field
+        positive = "must be > 0"
         checks = {
-            "learning_rate": self.learning_rate > 0,
-            "beta1": 0 <= self.beta1 < 1,
-            "beta2": 0 <= self.beta2 < 1,
-            "weight_decay": self.weight_decay >= 0,
-            "grad_clip": self.grad_clip > 0,
-            "warmup_steps": self.warmup_steps >= 0,
-            "decay_steps": self.decay_steps > self.warmup_steps,
-            "final_lr_fraction": 0 <= self.final_lr_fraction <= 1,
-            "eval_batches": self.eval_batches >= 1,
-            "keep_checkpoints": self.keep_checkpoints >= 1,
-            "rebalance_every": self.rebalance_every >= 1,
-            "rebalance_threshold": self.rebalance_threshold > 0,
+            "learning_rate": (self.learning_rate > 0, positive, "use e.g. 1e-4"),
+            "beta1": (0 <= self.beta1 < 1, "must be in [0, 1)", "use e.g. 0.9"),
+            "beta2": (0 <= self.beta2 < 1, "must be in [0, 1)", "use e.g. 0.95"),
+            "weight_decay": (self.weight_decay >= 0, "must be >= 0", "use 0 for none, e.g. 0.1"),
+            "grad_clip": (self.grad_clip > 0, positive, "use e.g. 1.0 (a large value: no clip)"),
+            "warmup_steps": (self.warmup_steps >= 0, "must be >= 0", "use 0 for no warmup"),
+            "decay_steps": (
+                self.decay_steps > self.warmup_steps,
+                f"must be more than warmup_steps={self.warmup_steps}",
+                "raise decay_steps or lower warmup_steps",
+            ),
+            "final_lr_fraction": (
+                0 <= self.final_lr_fraction <= 1,
+                "must be in [0, 1]",
+                "use e.g. 0.1",
+            ),
+            "seed": (0 <= self.seed <= MAX_SEED, f"must be in 0..{MAX_SEED}", "use e.g. 0"),
+            "data_seed": (0 <= self.data_seed <= MAX_SEED, f"must be in 0..{MAX_SEED}", "use 0"),
+            "eval_batches": (self.eval_batches >= 1, "must be at least 1", "use e.g. 8"),
+            "keep_checkpoints": (self.keep_checkpoints >= 1, "must be at least 1", "use e.g. 3"),
+            "rebalance_every": (self.rebalance_every >= 1, "must be at least 1", "use e.g. 100"),
+            "rebalance_threshold": (self.rebalance_threshold > 0, positive, "use e.g. 0.05"),
         }
-        for name, ok in checks.items():
+        for name, (ok, problem, fix) in checks.items():
             if not ok:
-                value = getattr(self, name)
-                raise ConfigError(
-                    f"{name}={value!r} is out of range; see jaxmoe.train.recipe.TrainConfig "
-                    f"(default {getattr(TrainConfig, name)!r})"
-                )
+                fail(name, getattr(self, name), problem, fix)
 
     def scaled_to(self, steps: int) -> "TrainConfig":
         """The recipe shrunk to a short run: warmup 10% of it, cosine to its end."""

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -22,6 +23,8 @@ from jaxmoe.placement import Placement, place
 from jaxmoe.sharding import Strategy, with_shardings
 from jaxmoe.train import recipe
 
+FINITE = "finite"  # the step's metric: its loss, gradient norm and new state were all finite
+
 
 @dataclasses.dataclass(frozen=True)
 class Trainer:
@@ -30,7 +33,10 @@ class Trainer:
     batch_sharding: NamedSharding  # [B, S + 1] token rows
     abstract_state: tuple  # (params, opt_state) as ShapeDtypeStructs with shardings
     init: Callable[[], tuple]  # () -> (params, opt_state)
-    step: Callable  # (params, opt_state, batch, step) -> (params, opt_state, metrics)
+    # (params, opt_state, batch, step) -> (params, opt_state, metrics); a step whose loss,
+    # gradient norm or new state is not finite returns the state it was given, and
+    # metrics[FINITE] False
+    step: Callable
     evaluate: Callable  # (params, batch) -> mean next-token cross-entropy
 
     @property
@@ -85,10 +91,13 @@ def make_trainer(
         if cfg.is_moe and cfg.expert_dropout > 0:
             key = jax.random.fold_in(jax.random.key(tc.seed + 1), step)
         (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params, batch, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics |= {"grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
-        return params, opt_state, metrics
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        grad_norm = optax.tree.norm(grads)
+        metrics |= {"grad_norm": grad_norm, "lr": schedule(step)}
+        finite = all_finite((metrics["loss"], grad_norm, new_params, new_opt_state))
+        params, opt_state = keep_unless(finite, (new_params, new_opt_state), (params, opt_state))
+        return params, opt_state, metrics | {FINITE: finite}
 
     def evaluate(params, batch):
         return loss_of(params, batch, None)[1]["ce_loss"]
@@ -110,6 +119,17 @@ def make_trainer(
             evaluate, in_shardings=(placement.shardings, rows), out_shardings=replicated
         ),
     )
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point value in `tree` is finite (one boolean scalar)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
+def keep_unless(ok: jax.Array, new, old):
+    """`new` where `ok`, else `old` (a step that went non-finite leaves the state as it was)."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 def like_params(opt_state, abstract, shardings, other):
@@ -136,8 +156,9 @@ def like_params(opt_state, abstract, shardings, other):
 
 def summarize(metrics: dict) -> dict[str, float]:
     """One step's metrics as floats: losses, gradient norm, learning rate, and for an MoE model
-    the dropped fraction and the per-expert load's min, max and std (over layers' mean)."""
-    out = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+    the dropped fraction and the per-expert load's min, max and std (over layers' mean). The
+    step's finiteness flag is not among them (`finite` reads it)."""
+    out = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0 and k != FINITE}
     if "expert_load" in metrics:
         load = np.asarray(metrics["expert_load"])  # [E], the MoE layers' mean
         out |= {
@@ -148,4 +169,4 @@ def summarize(metrics: dict) -> dict[str, float]:
     return out
 
 
-__all__ = ["Trainer", "make_trainer", "summarize"]
+__all__ = ["FINITE", "Trainer", "all_finite", "keep_unless", "make_trainer", "summarize"]
