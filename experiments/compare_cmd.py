@@ -4,33 +4,53 @@ import argparse
 
 import jax
 
-import meshes
 from experiments import report
-from experiments.configs import config
-from jaxmoe.compare import compare_strategies
+from experiments.configs import config, seed, strategies
+from jaxmoe.compare import check_finite, compare_strategies
 from jaxmoe.config import ConfigError, with_overrides
+from jaxmoe.memory_check import check_fits, host_memory_bytes
+from jaxmoe.paths import writable_file
 from jaxmoe.separation import Separation
+
+
+def check_devices(strategies: list, devices: int) -> None:
+    """`--devices N` against what the strategies use, before JAX makes N devices."""
+    if devices < 1:
+        raise ConfigError(f"--devices {devices}: must be at least 1; run with --devices 16")
+    for s in strategies:  # a split's own check (Separation.check) names its sub-meshes
+        if not isinstance(s, Separation) and s.n_devices != devices:
+            raise ConfigError(
+                f"strategy {s.name} needs {s.n_devices} devices, {devices} given; "
+                f"run with --devices {s.n_devices}"
+            )
+    used = max(s.n_devices for s in strategies)
+    if devices > used:
+        raise ConfigError(
+            f"--devices {devices}: the strategies use at most {used}; run with --devices {used}"
+        )
 
 
 def run(args: argparse.Namespace) -> None:
     cfg = with_overrides(config(args.config), assignments=args.set)
-    strategies = [meshes.get(name.strip()) for name in args.strategies.split(",") if name.strip()]
-    strategies = [
-        s.with_options(transfer_bits=args.transfer_bits) if isinstance(s, Separation) else s
-        for s in strategies
-    ]
-    if not strategies:
-        raise ConfigError(
-            "--strategies is empty; name at least one of " + ", ".join(meshes.LAYOUTS)
-        )
-    if args.devices < 1:
-        raise ConfigError(f"--devices {args.devices}: must be at least 1")
+    layouts = strategies(args.strategies, args.transfer_bits)
+    check_devices(layouts, args.devices)
+    seed(args.seed, "--seed")
+    if args.json:
+        writable_file(args.json, "--json")
+    check_fits(
+        cfg,
+        host_memory_bytes(),
+        copies=2,
+        copies_why="one device's reference and each layout's copy",
+        where="on this machine",
+    )
     # Before JAX starts its backend: nothing above has touched a device.
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", args.devices)
 
-    reports = compare_strategies(cfg, strategies, jax.devices(), seed=args.seed)
+    reports = compare_strategies(cfg, layouts, jax.devices(), seed=args.seed)
     print(report.compare_table(cfg, reports))
     if args.json:
         report.write_compare_json(args.json, cfg, reports)
         print(f"\nwrote {args.json}")
+    check_finite(cfg, reports)  # after the table and the JSON: they show which layouts

@@ -1,7 +1,12 @@
 """`--config NAME` for every command: a library preset, or a paper's experiment (its tiny model,
-the one that runs on a CPU; `experiment NAME --scale full` compiles the full one)."""
+the one that runs on a CPU; `experiment NAME --scale full` compiles the full one); and the
+checks of the flags several commands share."""
 
+import meshes
 from jaxmoe.config import PRESETS, ConfigError, ModelConfig, preset
+from jaxmoe.separation import Separation
+
+MAX_SEED = 2**31 - 1  # jax.random.key and numpy's generators take it (seed + 1 too)
 
 
 def config(name: str) -> ModelConfig:
@@ -13,3 +18,35 @@ def config(name: str) -> ModelConfig:
         return preset(name)
     choices = ", ".join([*sorted(PRESETS), *EXPERIMENTS])
     raise ConfigError(f"unknown config {name!r}; choose one of {choices}")
+
+
+def seed(value: int, flag: str) -> int:
+    if not 0 <= value < MAX_SEED:
+        raise ConfigError(f"{flag} {value}: must be in 0..{MAX_SEED - 1}; use e.g. {flag} 0")
+    return value
+
+
+def timing(warmup: int, iters: int) -> tuple[int, int]:
+    """`--warmup N --iters N`: untimed calls (0 or more), timed calls (1 or more)."""
+    if warmup < 0:
+        raise ConfigError(f"--warmup {warmup}: must be 0 or more; use e.g. --warmup 3")
+    if iters < 1:
+        raise ConfigError(f"--iters {iters}: must be at least 1; use e.g. --iters 20")
+    return warmup, iters
+
+
+def strategies(text: str, transfer_bits: int = 0) -> list:
+    """`--strategies a,b`: each name once, every one known (one line for the first that is not)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ConfigError(
+            f"--strategies {text!r} is empty; name at least one of " + ", ".join(meshes.LAYOUTS)
+        )
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"--strategies {text}: names {', '.join(twice)} twice; name each once")
+    layouts = [meshes.get(name) for name in names]
+    return [
+        s.with_options(transfer_bits=transfer_bits) if isinstance(s, Separation) else s
+        for s in layouts
+    ]

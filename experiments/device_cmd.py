@@ -16,18 +16,22 @@ import json
 import jax
 
 from experiments import report
-from experiments.configs import config
+from experiments.configs import config, timing
 from jaxmoe.analysis import hardware
-from jaxmoe.config import ConfigError, with_overrides
+from jaxmoe.config import with_overrides
+from jaxmoe.memory_check import check_fits, device_memory_bytes
+from jaxmoe.paths import writable_file
 from jaxmoe.phases import Measure, phase_costs
 
 
 def run(args: argparse.Namespace) -> None:
     cfg = with_overrides(config(args.config), assignments=args.set)
     hw = hardware.get(args.hardware)
-    if args.iters < 1 or args.warmup < 0:
-        raise ConfigError(f"--warmup {args.warmup} --iters {args.iters}: need >= 0 and >= 1")
+    timing(args.warmup, args.iters)
+    if args.json:
+        writable_file(args.json, "--json")
     device = jax.devices()[0]
+    check_fits(cfg, device_memory_bytes(device), cache=True, where=f"on {device.platform} device 0")
     costs = phase_costs(
         cfg,
         None,

@@ -18,27 +18,35 @@ import numpy as np
 
 import meshes
 from experiments import plots, report
+from experiments.configs import timing
 from experiments.papers import Experiment
 from experiments.papers.registry import EXPERIMENTS, get
 from jaxmoe.analysis import hardware
 from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.inference import decoder, generate
+from jaxmoe.paths import writable_dir, writable_file
 from jaxmoe.phases import Measure, PhaseCost, phase_costs
 from jaxmoe.placement import init_params, place
 from jaxmoe.separation import Separated, Separation
 from jaxmoe.sharding import check_divisible
 
 PREFILL_BATCH = 16  # sequences per prefill program (the bound is per token)
+DEVICES = 16  # the papers' machines; virtual CPU devices here
 
 
 def run(args: argparse.Namespace) -> None:
     names = list(EXPERIMENTS) if args.name == "all" else [get(args.name).name]
     hw = hardware.get(args.hardware) if args.hardware else None
-    if args.iters < 1 or args.warmup < 0:
-        raise ConfigError(f"--warmup {args.warmup} --iters {args.iters}: need >= 0 and >= 1")
+    for name in names:
+        (hw or hardware.get(get(name).hardware)).check_devices(DEVICES, "--hardware")
+    timing(args.warmup, args.iters)
+    if args.json:
+        writable_file(args.json, "--json")
+    if args.plots:
+        writable_dir(args.plots, "--plots")
     jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", 16)
+    jax.config.update("jax_num_cpu_devices", DEVICES)
 
     docs = []
     for name in names:
@@ -57,7 +65,6 @@ def run(args: argparse.Namespace) -> None:
         docs.append(doc)
         print(report.experiment_table(exp, args.scale, profile, rows), end="\n\n", flush=True)
         if args.plots:
-            args.plots.mkdir(parents=True, exist_ok=True)
             path = plots.experiment_plot(doc, args.plots / f"{exp.name}_{args.scale}.png")
             print(f"wrote {path}\n")
     if args.json:

@@ -12,6 +12,9 @@ from experiments.configs import config
 from experiments.report import SHORT, human_bytes, table
 from jaxmoe.config import with_overrides
 from jaxmoe.explain import explain
+from jaxmoe.paths import writable_file
+
+DEVICES = 16
 
 
 def _spec(spec: list) -> str:
@@ -67,8 +70,10 @@ def text(doc: dict) -> str:
 def run(args: argparse.Namespace) -> None:
     cfg = with_overrides(config(args.config), assignments=args.set)
     layout = meshes.get(args.strategy)
+    if args.json:
+        writable_file(args.json, "--json")
     jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", 16)
+    jax.config.update("jax_num_cpu_devices", DEVICES)
     doc = explain(cfg, layout, jax.devices())
     print(text(doc))
     if args.json:

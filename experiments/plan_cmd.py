@@ -21,13 +21,14 @@ import json
 import jax
 
 import meshes
-from experiments.configs import config
-from experiments.experiment_cmd import PREFILL_BATCH
+from experiments.configs import config, strategies
+from experiments.experiment_cmd import DEVICES, PREFILL_BATCH
 from experiments.papers.registry import EXPERIMENTS
 from experiments.report import human_bytes, table
 from jaxmoe.analysis import hardware
 from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.config import ConfigError, ModelConfig, with_overrides
+from jaxmoe.paths import writable_file
 from jaxmoe.phases import phase_costs
 from jaxmoe.separation import Separation
 from jaxmoe.sharding import check_divisible
@@ -36,12 +37,17 @@ SPLITS = ("ma_separation:12+4", "ma_separation:8+8", "ma_separation:14+2")
 
 
 def candidates(names: str | None) -> list[str]:
-    if names:
-        return [n.strip() for n in names.split(",") if n.strip()]
+    """`--strategies a,b` (each known, named once; not empty), or every layout and split."""
+    if names is not None:
+        return [s.name for s in strategies(names)]
     return [*meshes.REGISTRY, *SPLITS]
 
 
 def plan_config(name: str, sets: list[str], batch: int | None, seq: int | None) -> ModelConfig:
+    if batch is not None and batch < 1:
+        raise ConfigError(f"--batch {batch}: must be at least 1 sequence; use e.g. --batch 16")
+    if seq is not None and seq < 2:
+        raise ConfigError(f"--seq {seq}: must be at least 2 tokens; use e.g. --seq 2048")
     cfg = EXPERIMENTS[name].full if name in EXPERIMENTS else config(name)
     cfg = with_overrides(cfg, assignments=sets)
     changes = {k: v for k, v in (("batch", batch), ("seq_len", seq)) if v is not None}
@@ -78,13 +84,22 @@ def _fitting(cfg: ModelConfig, layout) -> tuple[ModelConfig, str]:
 def plan(cfg: ModelConfig, hw: Hardware, names: list[str]) -> dict:
     """Every candidate's bound per phase, and the two rankings (best first)."""
     layouts = [meshes.get(n) for n in names]  # unknown names fail here, before compiling
-    rows, skipped = [], {}
+    runnable, skipped = [], {}
     for layout in layouts:
         try:
-            sized, name = _fitting(cfg, layout)
+            runnable.append((layout, *_fitting(cfg, layout)))
         except ConfigError as err:
             skipped[layout.name] = str(err)
-            continue
+    if not runnable:  # one line before anything compiles: nothing to rank
+        if len(skipped) == 1:
+            raise ConfigError(next(iter(skipped.values())))
+        first, reason = next(iter(skipped.items()))
+        raise ConfigError(
+            f"none of the {len(skipped)} candidates can run {cfg.name} (B {cfg.batch} x S "
+            f"{cfg.seq_len}); {first}: {reason}"
+        )
+    rows = []
+    for layout, sized, name in runnable:
         costs = phase_costs(
             sized, layout, jax.devices(), hw, prefill_batch=min(cfg.batch, PREFILL_BATCH)
         )
@@ -127,12 +142,13 @@ def _reason(row: dict, best: dict, hw: Hardware) -> str:
 
 def run(args: argparse.Namespace) -> None:
     hw = hardware.get(args.hardware)
+    hw.check_devices(DEVICES, "--hardware")
     cfg = plan_config(args.config, args.set, args.batch, args.seq)
-    names = candidates(args.strategies)
-    for name in names:
-        meshes.get(name)  # one-line error for an unknown name, before anything compiles
+    names = candidates(args.strategies)  # unknown names fail here, before anything compiles
+    if args.json:
+        writable_file(args.json, "--json")
     jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", 16)
+    jax.config.update("jax_num_cpu_devices", DEVICES)
     result = plan(cfg, hw, names)
     print(_table(cfg, hw, result))
     if args.json:

@@ -28,7 +28,7 @@ def human_bytes(n: float) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     line = "  ".join("-" * w for w in widths)
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*headers), line, *(fmt.format(*r) for r in rows)])
@@ -46,6 +46,17 @@ def _mesh_cell(mesh: dict) -> str:
     return "x".join(f"{a}={n}" for a, n in mesh.items())
 
 
+def _error_cell(report: LayoutReport) -> str:
+    """`7.7e-07 (6e-07 rel)`; `non-finite` when this layout's logits (or one device's) are not
+    all finite numbers."""
+    if report.nonfinite_logits:
+        return f"non-finite ({report.nonfinite_logits:,} of {report.n_logits:,})"
+    if report.max_abs_err is None:
+        return "non-finite (one device's)"
+    err, scale = report.max_abs_err, report.logits_scale
+    return f"{err:.1e} ({err / scale:.0e} rel)" if scale else f"{err:.1e}"
+
+
 def compare_table(cfg: ModelConfig, reports: Sequence[LayoutReport]) -> str:
     headers = (
         "strategy",
@@ -61,7 +72,7 @@ def compare_table(cfg: ModelConfig, reports: Sequence[LayoutReport]) -> str:
         (
             r.strategy,
             _mesh_cell(r.mesh),
-            f"{r.max_abs_err:.1e} ({r.max_abs_err / r.logits_scale:.0e} rel)",
+            _error_cell(r),
             _collectives_cell(r),
             human_bytes(r.bytes_per_layer),
             f"{r.bytes_vs_textbook:.3f}",

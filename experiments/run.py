@@ -21,6 +21,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import meshes
 from experiments import (
@@ -49,9 +50,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=int, default=16, help="virtual CPU devices in all")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is one line naming it (argparse prints a usage block first), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help\n")
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     strategies = "\n".join(f"  {s.name:<20} {s.description}" for s in meshes.LAYOUTS.values())
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m experiments.run",
         description=__doc__,
         epilog=f"strategies:\n{strategies}",

@@ -1,21 +1,21 @@
 """Run one model under several strategies and read what each compiled program does.
 
 For every strategy: the same parameters and tokens as the one-device reference, the largest
-logits difference from it, the collectives XLA inserted (per layer and in all), the bytes each
-device sends against the textbook volume of the layout, parameter bytes per device and the
-compiled memory analysis. Returns data; printing is the CLI's business.
+logits difference from it (none where either gave NaN or infinite logits: those are counted,
+and `check_finite` turns them into one error line), the collectives XLA inserted (per layer and
+in all), the bytes each device sends against the textbook volume of the layout, parameter bytes
+per device and the compiled memory analysis. Returns data; printing is the CLI's business.
 """
 
 import dataclasses
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxmoe.analysis.collectives import Inventory, inventory
 from jaxmoe.analysis.memory import memory_per_device
-from jaxmoe.config import ModelConfig
+from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.placement import (
     Placement,
     abstract_model,
@@ -33,8 +33,8 @@ from jaxmoe.sharding import Strategy
 class LayoutReport:
     strategy: str
     mesh: dict[str, int]
-    max_abs_err: float  # max |logits - one-device logits|
-    logits_scale: float  # max |one-device logits| over the real vocabulary
+    max_abs_err: float | None  # max |logits - one-device logits|; None if either is not finite
+    logits_scale: float | None  # max |one-device logits| over the real vocabulary; None: not finite
     inventory: Inventory  # every collective of one forward pass
     per_layer: dict[str, tuple[float, float]]  # kind -> (count, bytes sent per device) per layer
     textbook_bytes_per_layer: float
@@ -43,6 +43,14 @@ class LayoutReport:
     param_bytes_total: int
     memory: dict[str, int]
     details: dict | None = None  # a layout's own figures (two sub-meshes: per mesh, transfers)
+    nonfinite_logits: int = 0  # this layout's logits that are NaN or infinite
+    reference_nonfinite_logits: int = 0  # the one-device forward pass's
+    n_logits: int = 0  # logits per forward pass (B x S x padded vocabulary)
+
+    @property
+    def finite(self) -> bool:
+        """Both this layout's logits and the one-device reference's are all finite numbers."""
+        return self.nonfinite_logits == 0 and self.reference_nonfinite_logits == 0
 
     @property
     def bytes_per_layer(self) -> float:
@@ -58,8 +66,11 @@ class LayoutReport:
         totals = self.inventory.by_kind()
         return {
             "mesh": self.mesh,
+            "finite": self.finite,
             "max_abs_err": self.max_abs_err,
             "logits_scale": self.logits_scale,
+            "nonfinite_logits": self.nonfinite_logits,
+            "reference_nonfinite_logits": self.reference_nonfinite_logits,
             "n_layers": cfg.n_layers,
             "n_moe_layers": cfg.n_moe_layers,
             "collectives": {k: {"count": t.count, "bytes": t.bytes} for k, t in totals.items()},
@@ -134,8 +145,9 @@ def compare_strategies(
     ]
     graphdef, state = init_params(cfg, seed)
     tokens = random_tokens(cfg, seed + 1)
-    reference = np.asarray(jax.jit(forward(graphdef))(state, tokens))
-    scale = float(np.max(np.abs(reference[..., : cfg.vocab_size])))
+    reference = _gathered(jax.jit(forward(graphdef))(state, tokens))
+    reference_bad = _nonfinite(reference)
+    scale = None if reference_bad else float(np.max(np.abs(reference[..., : cfg.vocab_size])))
     reports = []
     for layout in layouts:
         if isinstance(layout, Separated):
@@ -144,9 +156,57 @@ def compare_strategies(
             compiled = compile_forward(layout)
             logits = compiled(layout.put(state), jax.device_put(tokens, layout.token_sharding))
             analysis = analyse(layout, compiled)
-        err = float(jnp.max(jnp.abs(logits - reference)))
-        reports.append(LayoutReport(max_abs_err=err, logits_scale=scale, **analysis))
+        logits = _gathered(logits)
+        bad = _nonfinite(logits)
+        # numpy on the gathered arrays: a max over sharded arrays may drop NaNs
+        err = None if bad or reference_bad else float(np.max(np.abs(logits - reference)))
+        reports.append(
+            LayoutReport(
+                max_abs_err=err,
+                logits_scale=scale,
+                nonfinite_logits=bad,
+                reference_nonfinite_logits=reference_bad,
+                n_logits=reference.size,
+                **analysis,
+            )
+        )
     return reports
+
+
+def _gathered(logits) -> np.ndarray:
+    """Logits as one host array in float32 (bfloat16 and float16 ones compared exactly)."""
+    return np.asarray(logits).astype(np.float32)
+
+
+def _nonfinite(logits: np.ndarray) -> int:
+    return int(np.count_nonzero(~np.isfinite(logits)))
+
+
+def check_finite(cfg: ModelConfig, reports: Sequence[LayoutReport]) -> None:
+    """One line naming what gave NaN or infinite logits (the one-device reference, layouts) and
+    the likely fix; nothing when every pass was finite. Call it once the results are shown."""
+    bad = [r for r in reports if r.nonfinite_logits]
+    reference = next((r for r in reports if r.reference_nonfinite_logits), None)
+    if not bad and reference is None:
+        return
+    n = reports[0].n_logits
+    if reference is not None:
+        who = "the one-device forward pass" + (
+            f" and {', '.join(r.strategy for r in bad)}" if bad else ""
+        )
+        count = reference.reference_nonfinite_logits
+        fix = f"lower init_std={cfg.init_std:g}"
+        if (cfg.dtype, cfg.param_dtype) != ("float32", "float32"):
+            fix += f" or compute in float32 (now dtype={cfg.dtype}, param_dtype={cfg.param_dtype})"
+        raise ConfigError(
+            f"logits: {who} gave {count:,} of {n:,} NaN or infinite logits (the model itself "
+            f"overflows, whatever the layout); {fix}"
+        )
+    names = ", ".join(f"{r.strategy} ({r.nonfinite_logits:,} of {n:,})" for r in bad)
+    raise ConfigError(
+        f"logits: {names} gave NaN or infinite logits where one device's are finite; a layout "
+        f"bug: report it with this command line (the other strategies' rows stand)"
+    )
 
 
 def separated_forward(run: Separated, state, tokens) -> tuple[np.ndarray, dict]:

@@ -125,8 +125,18 @@ def fail(field: str, value, problem: str, fix: str) -> NoReturn:
     raise ConfigError(f"{field}={value!r}: {problem}; {fix}")
 
 
+def check_finite(obj) -> None:
+    """Every float field of the dataclass `obj` must be a finite number (`--set x=nan` or `inf`
+    parses as a float): one line naming the field and its default."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f.name, value, "must be a finite number", f"set it to e.g. {f.default!r}")
+
+
 def validate(cfg: ModelConfig) -> None:
     """Every range and divisibility check of a configuration, each naming the field and the fix."""
+    check_finite(cfg)
     positive = (
         *("vocab_size", "d_model", "n_heads", "head_dim", "d_ff", "n_layers", "batch"),
         *("micro_batches", "loss_chunk_tokens"),
@@ -150,6 +160,13 @@ def validate(cfg: ModelConfig) -> None:
             fail(field, getattr(cfg, field), "unknown dtype", f"choose one of {sorted(DTYPES)}")
     if cfg.expert_form not in EXPERT_FORMS:
         fail("expert_form", cfg.expert_form, "unknown expert form", f"choose one of {EXPERT_FORMS}")
+    if cfg.init_std <= 0:
+        fail("init_std", cfg.init_std, "must be > 0", "use e.g. 0.02")
+    if cfg.norm_eps <= 0:
+        fail("norm_eps", cfg.norm_eps, "must be > 0 (it keeps RMSNorm off 0/0)", "use e.g. 1e-6")
+    for field in ("router_aux_coef", "router_z_coef"):
+        if getattr(cfg, field) < 0:
+            fail(field, getattr(cfg, field), "a loss weight must be >= 0", "use 0 to turn it off")
     if not cfg.is_moe:
         return
     if cfg.n_experts < 1:

@@ -46,6 +46,11 @@ def separation(
         )
     if replicas is None:
         replicas = REPLICAS if attention % REPLICAS == 0 else 1
+    if replicas < 1:
+        raise ConfigError(
+            f"{NAME}:{attention}+{experts}/{replicas}: needs at least one replica group; "
+            f"use e.g. {NAME}:{attention}+{experts}/1"
+        )
     if attention % replicas:
         raise ConfigError(
             f"{NAME}: {attention} attention devices do not form {replicas} replica groups; "

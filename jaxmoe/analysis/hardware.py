@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 from collections.abc import Sequence
+from math import inf
 from pathlib import Path
 
 from jaxmoe.analysis.collectives import Collective
@@ -38,6 +39,16 @@ class Hardware:
                 f"add it to matmul_flops in {PROFILES}"
             )
         return self.matmul_flops[dtype]
+
+    def check_devices(self, n: int, flag: str = "--hardware") -> None:
+        """One line when the layouts span more devices than the profile has GPUs (their
+        collectives would be timed on links that are not there)."""
+        if self.count < n:
+            larger = sorted(name for name, p in profiles().items() if p.count >= n)
+            raise ConfigError(
+                f"{flag} {self.name}: the profile has {self.count} GPU(s), the layouts span {n}; "
+                f"choose a profile of {n} or more: {', '.join(larger)}"
+            )
 
     def collective_seconds(self, c: Collective) -> float:
         """Seconds one execution of the collective takes (each device's share in parallel)."""
@@ -81,25 +92,46 @@ class Hardware:
 
 
 def profiles(path: Path = PROFILES) -> dict[str, Hardware]:
-    data = tomllib.loads(path.read_text())
+    """Every profile of the file; a file with a syntax error, a missing or a non-positive figure
+    gets one line naming the entry and the key."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"hardware profiles {path}: {err}; fix the file") from None
     gpus = data.get("gpus", {})
     found = {}
     for name, p in data.get("profiles", {}).items():
         if p.get("gpu") not in gpus:
             raise ConfigError(f"profile {name} names gpu {p.get('gpu')!r}, not in [gpus] of {path}")
         gpu = gpus[p["gpu"]]
+        figure = _reader(path)
         found[name] = Hardware(
             name=name,
             description=gpu.get("description", p["gpu"]),
-            count=int(p["count"]),
-            per_node=int(p["per_node"]),
-            matmul_flops={k: float(v) for k, v in gpu["matmul_flops"].items()},
-            hbm_bytes=float(gpu["hbm_bytes"]),
-            hbm_bandwidth=float(gpu["hbm_bandwidth"]),
-            nvlink_bandwidth=float(gpu["nvlink_bandwidth"]),
-            network_bandwidth=float(gpu["network_bandwidth"]),
+            count=int(figure(p, f"profiles.{name}", "count")),
+            per_node=int(figure(p, f"profiles.{name}", "per_node")),
+            matmul_flops={
+                k: figure(gpu["matmul_flops"], f"gpus.{p['gpu']}.matmul_flops", k)
+                for k in (gpu.get("matmul_flops") or {})
+            },
+            **{
+                key: figure(gpu, f"gpus.{p['gpu']}", key)
+                for key in ("hbm_bytes", "hbm_bandwidth", "nvlink_bandwidth", "network_bandwidth")
+            },
         )
     return found
+
+
+def _reader(path: Path):
+    def figure(table: dict, where: str, key: str) -> float:
+        value = table.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < inf:
+            raise ConfigError(
+                f"[{where}] {key}={value!r} in {path}: must be a positive finite number; set it"
+            )
+        return float(value)
+
+    return figure
 
 
 def get(name: str) -> Hardware:

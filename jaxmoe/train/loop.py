@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from jaxmoe.paths import writable_dir
 from jaxmoe.separation import Separation
 from jaxmoe.separation.training import SeparatedTrainer
 from jaxmoe.sharding import Strategy
-from jaxmoe.train import checkpoints
+from jaxmoe.train import checkpoints, fits
 from jaxmoe.train.batches import RowStreams, local_rows
 from jaxmoe.train.lock import WorkdirLock
 from jaxmoe.train.recipe import TrainConfig
@@ -147,7 +146,8 @@ class _Run:
             trainer = SeparatedTrainer(cfg, strategy, devices, tc)
         else:
             trainer = make_trainer(cfg, strategy, devices, tc)
-        _check_disk(opts.workdir, trainer.abstract_state)
+        fits.check_memory(trainer.abstract_state)
+        fits.check_disk(opts.workdir, trainer.abstract_state)
         rows = local_rows(cfg.batch)
         stream = dict(seq_len=cfg.seq_len, batch=cfg.batch, seed=tc.data_seed, rows=rows)
         batches = RowStreams(train_files, tokenizer, shuffle=True, repeat=True, **stream)
@@ -267,17 +267,6 @@ class _Run:
         )
 
 
-def _check_disk(workdir: Path, abstract_state) -> None:
-    """Refuse to start when the work directory's disk cannot take one checkpoint."""
-    need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
-    free = shutil.disk_usage(workdir).free
-    if free < need:
-        raise ConfigError(
-            f"--workdir {workdir}: a checkpoint takes up to {need / 2**20:.1f} MiB but its disk "
-            f"has {free / 2**20:.1f} MiB free; free space, or use a --workdir on another disk"
-        )
-
-
 def _global(trainer, local: np.ndarray) -> jax.Array:
     cfg = trainer.cfg
     shape = (cfg.batch, cfg.seq_len + 1)
@@ -285,8 +274,15 @@ def _global(trainer, local: np.ndarray) -> jax.Array:
 
 
 def _keep_lines_up_to(path: Path, step: int) -> None:
-    """Drop metrics of steps after `step` (they are about to be run again)."""
+    """Drop metrics of steps after `step` (they are about to be run again), and a line a killed
+    run left cut short."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            log.warning(f"dropped an unreadable line of {path}: {line[:60]!r}")
     path.write_text("".join(line + "\n" for line in kept))
