@@ -18,6 +18,7 @@ from jaxmoe.config import ConfigError, ModelConfig
 SMALL = ["--set", "vocab_size=300", "--set", "d_model=64", "--set", "seq_len=16"]
 HUGE = ["--set", "d_model=65536", "--set", "d_ff=262144", "--set", "n_layers=8"]  # 16 TiB
 TINY = ["--config", "tiny_moe", *SMALL]
+TRAIN_SMALL = ["--set=d_model=64", "--set=d_ff=128", "--set=head_dim=4", "--set=seq_len=32"]
 
 CASES = [
     # compare: names, numbers, strategies, devices, seeds, output paths, memory
@@ -96,6 +97,29 @@ CASES = [
     (["device", *TINY, "--set", "capacity_factor=nan"], "capacity_factor=nan"),
     (["device", *TINY, "--json", "{tmp}/afile/x.json"], "is a file, not a directory"),
     (["device", *TINY, *HUGE], "of memory on cpu device 0"),
+    # train (on a small model with the GPT-2 vocabulary, in {tmp}/adir/run)
+    (["train", "--strategy", "nope"], "unknown strategy 'nope'"),
+    (["train", "--steps", "0"], "--steps 0: must be >= 1"),
+    (["train", "--save-every", "0"], "--save-every 0: must be >= 1"),
+    (["train", "--workdir", "{tmp}/afile"], "is a file, not a directory"),
+    (["train", "--workdir", "{tmp}/afile/run"], "cannot be written (Not a directory)"),
+    (["train", "--data", "{tmp}/missing.json.gz"], "missing.json.gz"),
+    (["train", "--data", "{tmp}/adir"], "adir"),
+    (["train", "--tokenizer", "{tmp}/adir"], "tokenizer.json"),
+    (["train", "--set", "learning_rate=nan"], "learning_rate=nan: must be a finite number"),
+    (["train", "--set", "keep_checkpoints=0"], "keep_checkpoints=0"),
+    (["train", "--set", "vocab_size=300"], "set vocab_size=50257"),
+    (["train", "--set", "batch=6"], "splits batch=6"),
+    (["train", "--num-processes", "3"], "--devices 16 does not split over 3 processes"),
+    (["train", "--process-id", "5"], "--process-id 5 must be in 0..0"),
+    (["train", "--coordinator", "nohostport"], "nohostport"),
+    (["train", "--init-timeout", "0"], "--init-timeout 0"),
+    (["train", *HUGE], "parameters and optimizer state take"),
+    # flags argparse refuses, and a layout with no replica group
+    (["train", "--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["experiment", "all", "--scale", "huge"], "invalid choice: 'huge'"),
+    (["--strategies", "ma_separation:12+4/0"], "needs at least one replica group"),
 ]
 
 
@@ -109,9 +133,12 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 def _command(args: list[str]) -> list[str]:
-    """compare cases run on the small model (bad-input cases keep their own --set)."""
+    """compare cases run on the small model (bad-input cases keep their own --set); train cases
+    on a small one with the GPT-2 vocabulary, in {tmp}/adir/run unless they say."""
     if args and args[0] in ("experiment", "plan", "explain", "device"):
         return args
+    if args and args[0] == "train":
+        return ["train", "--no-progress", "--workdir={tmp}/adir/run", *TRAIN_SMALL, *args[1:]]
     return ["compare", *SMALL, *args]
 
 
