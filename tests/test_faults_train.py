@@ -13,6 +13,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from jaxmoe.train.lock import WorkdirLock
@@ -65,6 +68,8 @@ def test_divergence_keeps_a_finite_checkpoint_that_a_lower_learning_rate_resumes
     assert [p.name for p in set_aside.iterdir()] == [str(diverged_at - 1)]
     logged = losses(tmp_path)
     assert max(logged) == diverged_at - 1 and all(math.isfinite(v) for v in logged.values())
+    state = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / str(max(saved)) / "state")
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
 
     resumed = run(command(tmp_path, *ONE, "--set=learning_rate=3e-5", steps=8))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -193,13 +198,16 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(small_disk):
     workdir = small_disk / "run"
-    proc = run(command(workdir, *ONE, "--save-every=1", steps=5))
+    scaled = ["--strategy=one_device", "--devices=1", "--save-every=1"]  # schedule follows --steps
+    proc = run(command(workdir, *scaled, steps=5))
     line = one_line(proc, 2, "No space left on device", "the last good checkpoint (step ")
     kept = int(line.split("(step ")[1].split(")")[0])
     assert steps_in(workdir / "checkpoints")[-1] == kept >= 1
     copy = small_disk.parent / "copy"  # the kept checkpoint resumes elsewhere
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("*orbax-checkpoint-tmp*"))
-    resumed = run(command(copy, *ONE, "--save-every=1", steps=kept + 1))
+    resumed = run(command(copy, *scaled, steps=kept + 1))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (note,) = [line for line in resumed.stdout.splitlines() if line.startswith("note: ")]
+    assert f"decay_steps: saved 5, now {kept + 1}" in note  # --steps rescaled the schedule
     assert max(losses(copy)) == kept + 1
     assert json.loads((copy / "metrics.jsonl").read_text().splitlines()[-1])["step"] == kept + 1
