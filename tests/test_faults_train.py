@@ -3,7 +3,6 @@ is finite and a lower learning rate goes on from it), damaged checkpoints (fallb
 ones kept aside unchanged), a second run on one work directory, Ctrl-C and SIGTERM (the state in
 hand saved, the run resumes with the same losses), a full disk."""
 
-import hashlib
 import json
 import math
 import os
@@ -19,21 +18,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxmoe.train.lock import WorkdirLock
-from tests.test_train import command, losses, run
+from tests.test_train import command, digest, losses, run
 
 # the schedule does not follow --steps; one device is quickest to compile (the damaged checkpoints
 # are restored into ep16's shardings over 16 devices)
 EXPLICIT = ["--set=warmup_steps=0", "--set=decay_steps=100"]
 ONE = [*EXPLICIT, "--strategy=one_device", "--devices=1"]
-
-
-def digest(root: Path) -> dict[str, str]:
-    """Every file under `root` by its content."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def steps_in(checkpoints: Path) -> list[int]:
