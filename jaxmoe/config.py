@@ -127,11 +127,14 @@ def fail(field: str, value, problem: str, fix: str) -> NoReturn:
 
 def check_finite(obj) -> None:
     """Every float field of the dataclass `obj` must be a finite number (`--set x=nan` or `inf`
-    parses as a float): one line naming the field and its default."""
+    parses as a float), every integer one below 2**31 (array sizes and seeds are 32-bit in XLA):
+    one line naming the field and its default."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             fail(f.name, value, "must be a finite number", f"set it to e.g. {f.default!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**31:
+            fail(f.name, value, "is too large (at most 2**31 - 1)", f"set it to e.g. {f.default!r}")
 
 
 def validate(cfg: ModelConfig) -> None:

@@ -6,16 +6,15 @@ In arguments, `{tmp}` is a fresh directory holding `afile` (a file) and `adir` (
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from jaxmoe.analysis.collectives import Inventory
 from jaxmoe.compare import LayoutReport, check_finite
 from jaxmoe.config import ConfigError, ModelConfig
+from tests.forked_cli import run
+from tests.test_cli import SMALL
 
-SMALL = ["--set", "vocab_size=300", "--set", "d_model=64", "--set", "seq_len=16"]
 HUGE = ["--set", "d_model=65536", "--set", "d_ff=262144", "--set", "n_layers=8"]  # 16 TiB
 TINY = ["--config", "tiny_moe", *SMALL]
 TRAIN_SMALL = ["--set=d_model=64", "--set=d_ff=128", "--set=head_dim=4", "--set=seq_len=32"]
@@ -72,6 +71,7 @@ CASES = [
     (["plan", "--hardware", "nope"], "unknown hardware profile 'nope'"),
     (["plan", "--hardware", "h100x1"], "the profile has 1 GPU(s), the layouts span 16"),
     (["plan", "--batch", "0"], "--batch 0: must be at least 1"),
+    (["plan", "--batch", "99999999999999999999999"], "batch=99999999999999999999999: is too large"),
     (["plan", "--seq", "1"], "--seq 1: must be at least 2"),
     (["plan", "--strategies", ""], "is empty"),
     (["plan", "--strategies", ","], "is empty"),
@@ -121,15 +121,6 @@ CASES = [
     (["experiment", "all", "--scale", "huge"], "invalid choice: 'huge'"),
     (["--strategies", "ma_separation:12+4/0"], "needs at least one replica group"),
 ]
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.run", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def _command(args: list[str]) -> list[str]:

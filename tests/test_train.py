@@ -106,6 +106,27 @@ def test_sigkill_then_rerun_resumes_with_the_same_losses(tmp_path, uninterrupted
     assert losses(tmp_path) == uninterrupted
 
 
+def test_ctrl_c_finishes_the_step_saves_it_and_the_run_resumes_exactly(tmp_path, uninterrupted):
+    first = subprocess.Popen(command(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None:  # past step 4 (saved: 3)
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.02)
+    assert first.poll() is None, first.stderr.read().decode()
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=120)
+    (line,) = err.decode().strip().splitlines()
+    assert first.returncode == 130 and line.startswith("error: interrupted: stopped after "), line
+    saved = int(line.split("stopped after step ")[1].split()[0])
+    checkpoints = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+    assert 4 <= saved < 8 and checkpoints[-1] == saved and max(losses(tmp_path)) == saved
+    resumed = run(command(tmp_path))
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(tmp_path) == uninterrupted
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
