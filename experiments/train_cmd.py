@@ -22,14 +22,6 @@ RECIPE_DROPOUT = 0.1
 
 
 def run(args: argparse.Namespace) -> None:
-    base = config(args.config)
-    cfg, tc = with_overrides(base, TrainConfig(), assignments=args.set)
-    named = {item.partition("=")[0].strip() for item in args.set}
-    if "expert_dropout" not in named:
-        cfg = cfg.replace(expert_dropout=RECIPE_DROPOUT)
-    if "tiny" in base.name and not named & {"warmup_steps", "decay_steps"}:
-        tc = tc.scaled_to(args.steps)
-    strategy = meshes.get(args.strategy)
     opts = RunOptions(
         steps=args.steps,
         workdir=args.workdir,
@@ -40,6 +32,14 @@ def run(args: argparse.Namespace) -> None:
         save_every=args.save_every,
         progress=not args.no_progress,
     )
+    base = config(args.config)
+    cfg, tc = with_overrides(base, TrainConfig(), assignments=args.set)
+    named = {item.partition("=")[0].strip() for item in args.set}
+    if "expert_dropout" not in named:
+        cfg = cfg.replace(expert_dropout=RECIPE_DROPOUT)
+    if "tiny" in base.name and not named & {"warmup_steps", "decay_steps"}:
+        tc = tc.scaled_to(args.steps)
+    strategy = meshes.get(args.strategy)
     _start_runtime(args)
     last = train(cfg, strategy, tc, opts)
     if jax.process_index() == 0:

@@ -27,7 +27,8 @@ def writable_dir(path: Path, flag: str) -> Path:
 
 def writable_file(path: Path, flag: str) -> Path:
     """`path` as a file this process may write (its directory exists and takes files; the file
-    itself, if there, is a regular file it may overwrite). Nothing is written to `path`."""
+    itself, if there, is a regular file it may overwrite). Nothing is written to `path` (a
+    temporary file in its directory comes and goes)."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{flag} {path} is a directory; name a file")
@@ -36,8 +37,15 @@ def writable_file(path: Path, flag: str) -> Path:
         raise ConfigError(f"{flag} {path}: {parent} is a file, not a directory; name another path")
     if not parent.is_dir():
         raise ConfigError(f"{flag} {path}: directory {parent} does not exist; create it first")
-    if (path.exists() and not os.access(path, os.W_OK)) or not os.access(parent, os.W_OK | os.X_OK):
+    if path.exists() and not os.access(path, os.W_OK):
         raise ConfigError(f"{flag} {path} cannot be written (permission denied); {_fix(None)}")
+    try:  # permissions do not bind root, and some file systems (/proc) take no new files
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"{flag} {path} cannot be written ({_reason(err)}); {_fix(err)}"
+        ) from None
     return path
 
 

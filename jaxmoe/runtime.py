@@ -43,7 +43,11 @@ def start(
     process 0's) or a cluster environment JAX detects, JAX's multi-controller runtime; every
     process is there within `timeout_s` seconds or this raises `ConfigError`."""
     n = num_processes
-    if n < 1 or not 0 <= process_id < n:
+    if n < 1:
+        raise ConfigError(f"--num-processes {n}: must be at least 1")
+    if devices < 1:
+        raise ConfigError(f"--devices {devices}: must be at least 1; run with --devices 16")
+    if not 0 <= process_id < n:
         raise ConfigError(f"--process-id {process_id} must be in 0..{n - 1}")
     if devices % n:
         raise ConfigError(f"--devices {devices} does not split over {n} processes")

@@ -100,6 +100,10 @@ CASES = [
     # train (on a small model with the GPT-2 vocabulary, in {tmp}/adir/run)
     (["train", "--strategy", "nope"], "unknown strategy 'nope'"),
     (["train", "--steps", "0"], "--steps 0: must be >= 1"),
+    (["train", "--steps", "-1"], "--steps -1: must be >= 1"),
+    (["train", "--devices", "0"], "--devices 0: must be at least 1"),
+    (["train", "--num-processes", "0"], "--num-processes 0: must be at least 1"),
+    (["--json", "/proc/x.json"], "cannot be written"),
     (["train", "--save-every", "0"], "--save-every 0: must be >= 1"),
     (["train", "--workdir", "{tmp}/afile"], "is a file, not a directory"),
     (["train", "--workdir", "{tmp}/afile/run"], "cannot be written (Not a directory)"),

@@ -60,6 +60,12 @@ class RunOptions:
     save_every: int = 100
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                flag = f"--{name.replace('_', '-')}"
+                raise ConfigError(f"{flag} {getattr(self, name)}: must be >= 1")
+
 
 def split_files(opts: RunOptions) -> tuple[list[Path], list[Path]]:
     """(training files, validation files), each checked readable."""
@@ -80,12 +86,6 @@ def split_files(opts: RunOptions) -> tuple[list[Path], list[Path]]:
     return train, valid
 
 
-def _check_options(opts: RunOptions) -> None:
-    for name in ("steps", "eval_every", "save_every"):
-        if getattr(opts, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(opts, name)}: must be >= 1")
-
-
 def train(
     cfg: ModelConfig,
     strategy: Strategy | Separation,
@@ -93,7 +93,6 @@ def train(
     opts: RunOptions,
     devices: list[jax.Device] | None = None,
 ) -> dict:
-    _check_options(opts)
     lead = jax.process_index() == 0
     writable_dir(opts.workdir, "--workdir")
     with WorkdirLock(opts.workdir) if lead else contextlib.nullcontext():
