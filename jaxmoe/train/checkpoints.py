@@ -194,13 +194,24 @@ def _os_errors(directory: Path):
         raise OSError(number, os.strerror(number), str(directory)) from err
 
 
+class _OrphanedOperations(logging.Filter):
+    """asyncio's 'Future exception was never retrieved' for a tensorstore operation that failed
+    after its read or write had already failed (the error was reported once, in one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("exception was never retrieved" in text and "tensorstore" in text)
+
+
 def _drop_late_callbacks() -> None:
     """After a failed read or write, tensorstore's operations still in flight call back into
     orbax's event loop, which is closed by then; each such callback's RuntimeError would print a
-    traceback. Drop exactly those, and pass every other unraisable exception on."""
+    traceback, and each failed future garbage-collected unread would log one. Drop exactly those,
+    and pass every other unraisable exception and log record on."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop", False):
         return
+    logging.getLogger("asyncio").addFilter(_OrphanedOperations())
 
     def hook(unraisable) -> None:
         err = unraisable.exc_value
