@@ -5,6 +5,7 @@ import errno
 import os
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 from jaxmoe.config import ConfigError
 
@@ -16,12 +17,9 @@ def writable_dir(path: Path, flag: str) -> Path:
         raise ConfigError(f"{flag} {path} is a file, not a directory; name a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
     except OSError as err:
-        raise ConfigError(
-            f"{flag} {path} cannot be written ({_reason(err)}); {_fix(err)}"
-        ) from None
+        _refuse(path, flag, err)
+    _probe(path, path, flag)
     return path
 
 
@@ -39,14 +37,22 @@ def writable_file(path: Path, flag: str) -> Path:
         raise ConfigError(f"{flag} {path}: directory {parent} does not exist; create it first")
     if path.exists() and not os.access(path, os.W_OK):
         raise ConfigError(f"{flag} {path} cannot be written (permission denied); {_fix(None)}")
-    try:  # permissions do not bind root, and some file systems (/proc) take no new files
-        with tempfile.TemporaryFile(dir=parent):
+    _probe(parent, path, flag)
+    return path
+
+
+def _probe(directory: Path, path: Path, flag: str) -> None:
+    """A temporary file made and removed in `directory`: permissions do not bind root, and some
+    file systems (/proc) take no new files, so only trying tells."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as err:
-        raise ConfigError(
-            f"{flag} {path} cannot be written ({_reason(err)}); {_fix(err)}"
-        ) from None
-    return path
+        _refuse(path, flag, err)
+
+
+def _refuse(path: Path, flag: str, err: OSError) -> NoReturn:
+    raise ConfigError(f"{flag} {path} cannot be written ({_reason(err)}); {_fix(err)}") from None
 
 
 def _reason(err: OSError) -> str:
