@@ -3,10 +3,10 @@ the one that runs on a CPU; `experiment NAME --scale full` compiles the full one
 checks of the flags several commands share."""
 
 import meshes
-from jaxmoe.config import PRESETS, ConfigError, ModelConfig, preset
+from jaxmoe.config import MAX_INT, PRESETS, ConfigError, ModelConfig, preset
 from jaxmoe.separation import Separation
 
-MAX_SEED = 2**31 - 1  # jax.random.key and numpy's generators take it (seed + 1 too)
+DEVICES = 16  # the papers' machines; virtual CPU devices here (compare and train take --devices)
 
 
 def config(name: str) -> ModelConfig:
@@ -21,8 +21,8 @@ def config(name: str) -> ModelConfig:
 
 
 def seed(value: int, flag: str) -> int:
-    if not 0 <= value < MAX_SEED:
-        raise ConfigError(f"{flag} {value}: must be in 0..{MAX_SEED - 1}; use e.g. {flag} 0")
+    if not 0 <= value < MAX_INT:  # seed + 1 is a seed too
+        raise ConfigError(f"{flag} {value}: must be in 0..{MAX_INT - 1}; use e.g. {flag} 0")
     return value
 
 

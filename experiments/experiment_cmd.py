@@ -18,7 +18,7 @@ import numpy as np
 
 import meshes
 from experiments import plots, report
-from experiments.configs import timing
+from experiments.configs import DEVICES, timing
 from experiments.papers import Experiment
 from experiments.papers.registry import EXPERIMENTS, get
 from jaxmoe.analysis import hardware
@@ -32,7 +32,6 @@ from jaxmoe.separation import Separated, Separation
 from jaxmoe.sharding import check_divisible
 
 PREFILL_BATCH = 16  # sequences per prefill program (the bound is per token)
-DEVICES = 16  # the papers' machines; virtual CPU devices here
 
 
 def run(args: argparse.Namespace) -> None:

@@ -8,13 +8,11 @@ import json
 import jax
 
 import meshes
-from experiments.configs import config
+from experiments.configs import DEVICES, config
 from experiments.report import SHORT, human_bytes, table
 from jaxmoe.config import with_overrides
 from jaxmoe.explain import explain
 from jaxmoe.paths import writable_file
-
-DEVICES = 16
 
 
 def _spec(spec: list) -> str:

@@ -21,8 +21,8 @@ import json
 import jax
 
 import meshes
-from experiments.configs import config, strategies
-from experiments.experiment_cmd import DEVICES, PREFILL_BATCH
+from experiments.configs import DEVICES, config, strategies
+from experiments.experiment_cmd import PREFILL_BATCH
 from experiments.papers.registry import EXPERIMENTS
 from experiments.report import human_bytes, table
 from jaxmoe.analysis import hardware

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 EXPERT_FORMS = ("gelu", "swiglu")
 VOCAB_MULTIPLE = 128
+MAX_INT = 2**31 - 1  # array sizes and seeds are 32-bit in XLA, jax.random.key and numpy
 
 
 class ConfigError(ValueError):
@@ -133,8 +134,13 @@ def check_finite(obj) -> None:
         value = getattr(obj, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             fail(f.name, value, "must be a finite number", f"set it to e.g. {f.default!r}")
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**31:
-            fail(f.name, value, "is too large (at most 2**31 - 1)", f"set it to e.g. {f.default!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+            fail(
+                f.name,
+                value,
+                "is too large (at most 2**31 - 1)",
+                f"set it to e.g. {f.default!r}",
+            )
 
 
 def validate(cfg: ModelConfig) -> None:

@@ -10,10 +10,8 @@ import dataclasses
 import jax
 import optax
 
-from jaxmoe.config import check_finite, fail
+from jaxmoe.config import MAX_INT, check_finite, fail
 from jaxmoe.placement import path_name
-
-MAX_SEED = 2**31 - 1  # seeds go to jax.random.key and numpy's generators (no negatives there)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +51,8 @@ class TrainConfig:
                 "must be in [0, 1]",
                 "use e.g. 0.1",
             ),
-            "seed": (0 <= self.seed <= MAX_SEED, f"must be in 0..{MAX_SEED}", "use e.g. 0"),
-            "data_seed": (0 <= self.data_seed <= MAX_SEED, f"must be in 0..{MAX_SEED}", "use 0"),
+            "seed": (0 <= self.seed <= MAX_INT, f"must be in 0..{MAX_INT}", "use e.g. 0"),
+            "data_seed": (0 <= self.data_seed <= MAX_INT, f"must be in 0..{MAX_INT}", "use 0"),
             "eval_batches": (self.eval_batches >= 1, "must be at least 1", "use e.g. 8"),
             "keep_checkpoints": (self.keep_checkpoints >= 1, "must be at least 1", "use e.g. 3"),
             "rebalance_every": (self.rebalance_every >= 1, "must be at least 1", "use e.g. 100"),
