@@ -96,14 +96,13 @@ def train(
     lead = jax.process_index() == 0
     writable_dir(opts.workdir, "--workdir")
     with WorkdirLock(opts.workdir) if lead else contextlib.nullcontext():
-        return _train(cfg, strategy, tc, opts, devices)
+        return _train(cfg, strategy, tc, opts, devices, lead)
 
 
-def _train(cfg, strategy, tc, opts, devices) -> dict:
+def _train(cfg, strategy, tc, opts, devices, lead: bool) -> dict:
     if devices is None:  # a strategy on fewer devices than there are takes the first ones
         devices = jax.devices()
         devices = devices[: strategy.n_devices] if jax.process_count() == 1 else devices
-    lead = jax.process_index() == 0
     train_files, valid_files = split_files(opts)
     tokenizer = data.load_tokenizer(opts.tokenizer)
     if tokenizer.get_vocab_size() > cfg.vocab_size:
