@@ -10,19 +10,14 @@ from jaxmoe.compare import check_finite, compare_strategies
 from jaxmoe.config import ConfigError, with_overrides
 from jaxmoe.memory_check import check_fits, host_memory_bytes
 from jaxmoe.paths import writable_file
-from jaxmoe.separation import Separation
 
 
 def check_devices(strategies: list, devices: int) -> None:
     """`--devices N` against what the strategies use, before JAX makes N devices."""
     if devices < 1:
         raise ConfigError(f"--devices {devices}: must be at least 1; run with --devices 16")
-    for s in strategies:  # a split's own check (Separation.check) names its sub-meshes
-        if not isinstance(s, Separation) and s.n_devices != devices:
-            raise ConfigError(
-                f"strategy {s.name} needs {s.n_devices} devices, {devices} given; "
-                f"run with --devices {s.n_devices}"
-            )
+    for s in strategies:
+        s.check_devices(devices)
     used = max(s.n_devices for s in strategies)
     if devices > used:
         raise ConfigError(
@@ -48,7 +43,7 @@ def run(args: argparse.Namespace) -> None:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", args.devices)
 
-    reports = compare_strategies(cfg, layouts, jax.devices(), seed=args.seed)
+    reports = compare_strategies(cfg, layouts, jax.devices(), seed=args.seed, phase=args.phase)
     print(report.compare_table(cfg, reports))
     if args.json:
         report.write_compare_json(args.json, cfg, reports)

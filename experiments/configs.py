@@ -4,7 +4,6 @@ checks of the flags several commands share."""
 
 import meshes
 from jaxmoe.config import MAX_INT, PRESETS, ConfigError, ModelConfig, preset
-from jaxmoe.separation import Separation
 
 DEVICES = 16  # the papers' machines; virtual CPU devices here (compare and train take --devices)
 
@@ -45,8 +44,4 @@ def strategies(text: str, transfer_bits: int = 0) -> list:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"--strategies {text}: names {', '.join(twice)} twice; name each once")
-    layouts = [meshes.get(name) for name in names]
-    return [
-        s.with_options(transfer_bits=transfer_bits) if isinstance(s, Separation) else s
-        for s in layouts
-    ]
+    return [meshes.get(name, transfer_bits) for name in names]

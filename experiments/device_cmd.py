@@ -15,6 +15,7 @@ import json
 
 import jax
 
+import meshes
 from experiments import report
 from experiments.configs import config, timing
 from jaxmoe.analysis import hardware
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> None:
     check_fits(cfg, device_memory_bytes(device), cache=True, where=f"on {device.platform} device 0")
     costs = phase_costs(
         cfg,
-        None,
+        meshes.ONE_DEVICE,
         [device],
         hw,
         prefill_batch=cfg.batch,

@@ -27,9 +27,7 @@ from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.inference import decoder, generate
 from jaxmoe.paths import writable_dir, writable_file
 from jaxmoe.phases import Measure, PhaseCost, phase_costs
-from jaxmoe.placement import init_params, place
-from jaxmoe.separation import Separated, Separation
-from jaxmoe.sharding import check_divisible
+from jaxmoe.placement import init_params
 
 PREFILL_BATCH = 16  # sequences per prefill program (the bound is per token)
 
@@ -81,10 +79,7 @@ def experiment_rows(
         strategy = meshes.get(name)
         try:
             for sized in (cfg, cfg.replace(batch=min(cfg.batch, PREFILL_BATCH))):
-                if isinstance(strategy, Separation):
-                    strategy.check(sized, len(jax.devices()))
-                else:
-                    check_divisible(sized, strategy)
+                strategy.check(sized, len(jax.devices()))
         except ConfigError as err:
             rows += [_unbuilt(exp, name, p, str(err), scale) for p in ("prefill", "decode")]
             continue
@@ -185,11 +180,6 @@ def _one_device_tokens(cfg: ModelConfig) -> np.ndarray:
 
 
 def _same_tokens(cfg: ModelConfig, strategy, reference: np.ndarray) -> bool:
-    state = init_params(cfg, 0)[1]
-    if isinstance(strategy, Separation):
-        run = Separated(cfg, strategy, jax.devices())
-        dec, params = run.decoder(), run.put(state)
-    else:
-        placement = place(cfg, strategy, jax.devices()[: strategy.n_devices])
-        dec, params = decoder(cfg, placement.graphdef, placement), placement.put(state)
-    return bool(np.array_equal(generate(dec, params, _prompt(cfg), GENERATED), reference))
+    run = strategy.lay_out(cfg, jax.devices())
+    params = run.put(init_params(cfg, 0)[1])
+    return bool(np.array_equal(generate(run.decoder(), params, _prompt(cfg), GENERATED), reference))

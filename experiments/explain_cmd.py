@@ -14,6 +14,13 @@ from jaxmoe.config import with_overrides
 from jaxmoe.explain import explain
 from jaxmoe.paths import writable_file
 
+PHASE_TITLES = {
+    "forward": "the forward pass",
+    "train": "the training step (forward, backward, optimizer; per layer: the step's / layers)",
+    "prefill": "prefill",
+    "decode": "one decode step",
+}
+
 
 def _spec(spec: list) -> str:
     parts = ["x".join(p) if isinstance(p, list) else (p or "-") for p in spec]
@@ -61,7 +68,7 @@ def text(doc: dict) -> str:
     )
     return (
         f"{doc['strategy']} on {mesh_text}\n\n{params}\n\n"
-        f"collectives of the forward pass\n\n{collectives}\n\n{memory}"
+        f"collectives of {PHASE_TITLES[doc['phase']]}\n\n{collectives}\n\n{memory}"
     )
 
 
@@ -72,7 +79,7 @@ def run(args: argparse.Namespace) -> None:
         writable_file(args.json, "--json")
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", DEVICES)
-    doc = explain(cfg, layout, jax.devices())
+    doc = explain(cfg, layout, jax.devices(), args.phase)
     print(text(doc))
     if args.json:
         args.json.write_text(json.dumps(doc, indent=2))

@@ -30,8 +30,6 @@ from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.config import ConfigError, ModelConfig, with_overrides
 from jaxmoe.paths import writable_file
 from jaxmoe.phases import phase_costs
-from jaxmoe.separation import Separation
-from jaxmoe.sharding import check_divisible
 
 SPLITS = ("ma_separation:12+4", "ma_separation:8+8", "ma_separation:14+2")
 
@@ -54,30 +52,17 @@ def plan_config(name: str, sets: list[str], batch: int | None, seq: int | None) 
     return cfg.replace(**changes) if changes else cfg
 
 
-def _check(cfg: ModelConfig, layout, n_devices: int) -> None:
-    for sized in (cfg, cfg.replace(batch=min(cfg.batch, PREFILL_BATCH))):
-        if isinstance(layout, Separation):
-            layout.check(sized, n_devices)
-        else:
-            check_divisible(sized, layout)
-
-
-def _fitting(cfg: ModelConfig, layout) -> tuple[ModelConfig, str]:
-    """The config as the layout runs it, and the row's name: ma_separation takes the most
-    ping-pong micro-batches, up to the config's, that split both phases' batches."""
-    if not isinstance(layout, Separation):
-        _check(cfg, layout, len(jax.devices()))
-        return cfg, layout.name
-    m, first_error = cfg.micro_batches, None
-    while m >= 1:
+def _fitting(cfg: ModelConfig, layout, n_devices: int) -> tuple[ModelConfig, str]:
+    """The first of the layout's variants of the config that runs both phases' batches."""
+    first_error = None
+    for sized, name in layout.variants(cfg):
         try:
-            _check(cfg.replace(micro_batches=m), layout, len(jax.devices()))
+            for phase in (sized, sized.replace(batch=min(cfg.batch, PREFILL_BATCH))):
+                layout.check(phase, n_devices)
         except ConfigError as err:
             first_error = first_error or err
-            m //= 2
             continue
-        suffix = "" if m == cfg.micro_batches else f" (micro_batches={m})"
-        return cfg.replace(micro_batches=m), layout.name + suffix
+        return sized, name
     raise first_error
 
 
@@ -87,7 +72,7 @@ def plan(cfg: ModelConfig, hw: Hardware, names: list[str]) -> dict:
     runnable, skipped = [], {}
     for layout in layouts:
         try:
-            runnable.append((layout, *_fitting(cfg, layout)))
+            runnable.append((layout, *_fitting(cfg, layout, len(jax.devices()))))
         except ConfigError as err:
             skipped[layout.name] = str(err)
     if not runnable:  # one line before anything compiles: nothing to rank

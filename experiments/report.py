@@ -57,7 +57,13 @@ def _error_cell(report: LayoutReport) -> str:
     return f"{err:.1e} ({err / scale:.0e} rel)" if scale else f"{err:.1e}"
 
 
+TRAIN_MEMORY = ("parameters", "gradients", "optimizer_state", "activations", "total")
+
+
 def compare_table(cfg: ModelConfig, reports: Sequence[LayoutReport]) -> str:
+    phase = reports[0].phase if reports else "forward"
+    if phase != "forward":
+        return _compiled_table(cfg, reports, phase)
     headers = (
         "strategy",
         "mesh",
@@ -96,6 +102,47 @@ def compare_table(cfg: ModelConfig, reports: Sequence[LayoutReport]) -> str:
         "over all devices"
     )
     return f"{title}\n\n{table(headers, rows)}\n\n{legend}"
+
+
+def _compiled_table(cfg: ModelConfig, reports: Sequence[LayoutReport], phase: str) -> str:
+    """A phase compiled, not run: its collectives per layer against the layout's textbook volume
+    for it, and memory per device by part (the training step: parameters, gradients, Adam's
+    state, activations)."""
+    parts = TRAIN_MEMORY if phase == "train" else ("temporaries", "total")
+    headers = (
+        "strategy",
+        "mesh",
+        "collectives/layer",
+        "sent/layer/device",
+        "textbook/layer",
+        "vs textbook",
+        *(p.replace("optimizer_state", "adam").replace("_", " ") for p in parts),
+    )
+    rows = [
+        (
+            r.strategy,
+            _mesh_cell(r.mesh),
+            _collectives_cell(r),
+            human_bytes(r.bytes_per_layer),
+            human_bytes(r.textbook_bytes_per_layer),
+            f"{r.bytes_vs_textbook:.3f}",
+            *(human_bytes(r.memory.get(p, 0)) for p in parts),
+        )
+        for r in reports
+    ]
+    what = {
+        "train": "the training step (forward, backward, AdamW) compiled, per layer: the whole "
+        "step's collectives / layers (gradient reductions included); textbook: twice the forward "
+        "pass's plus each parameter's gradient all-reduce over its copies",
+        "prefill": "prefill compiled (collectives in the layer loop)",
+        "decode": "one decode step compiled (collectives in the layer loop)",
+    }[phase]
+    title = (
+        f"{cfg.name}: {cfg.n_layers} layers ({cfg.n_moe_layers} MoE), D {cfg.d_model}, "
+        f"B {cfg.batch} x S {cfg.seq_len}, {cfg.dtype}; {what}; memory per device "
+        f"(ma_separation: its busier mesh's)"
+    )
+    return f"{title}\n\n{table(headers, rows)}"
 
 
 def write_compare_json(path: Path, cfg: ModelConfig, reports: Sequence[LayoutReport]) -> None:

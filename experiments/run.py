@@ -33,6 +33,7 @@ from experiments import (
     train_cmd,
 )
 from jaxmoe.config import DEFAULT_PRESET, ConfigError
+from jaxmoe.layout import PHASES
 from jaxmoe.train.loop import TrainingDiverged, TrainingFailed, TrainingInterrupted
 
 COMMANDS = ("compare", "train", "experiment", "device", "plan", "explain")
@@ -48,6 +49,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="override a config field (repeatable)",
     )
     parser.add_argument("--devices", type=int, default=16, help="virtual CPU devices in all")
+
+
+def _phase(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--phase", choices=PHASES, default="forward", help=what)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,6 +87,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     compare.add_argument("--json", type=Path, help="also write the results here as JSON")
     compare.add_argument("--seed", type=int, default=0)
+    _phase(compare, "forward: run and held against one device; others compiled only")
 
     train = commands.add_parser("train", help="train on C4 (resumes from --workdir)")
     _common(train)
@@ -140,6 +146,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     explain.add_argument("--config", default=DEFAULT_PRESET, help="a named configuration")
     explain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     explain.add_argument("--json", type=Path, help="also write the explanation here as JSON")
+    _phase(explain, "the program explained")
 
     argv = list(argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):

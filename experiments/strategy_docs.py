@@ -38,7 +38,6 @@ def page() -> str:
     from jaxmoe.analysis import hardware
     from jaxmoe.compare import compare_strategies
     from jaxmoe.config import preset
-    from jaxmoe.separation import Separation
 
     cfg = preset("tiny_moe")
     layouts = list(meshes.LAYOUTS.values())
@@ -72,14 +71,15 @@ def page() -> str:
             f"per device{'' if row['fits'] else ' (does not fit)'}"
             for row in bound
         )
-        if isinstance(layout, Separation):
-            mesh = f"{_mesh(layout.attention)} (attention) + {_mesh(layout.experts)} (experts)"
-            rules = (
-                f"Attention mesh:\n\n{rules_table(layout.attention)}\n\n"
-                f"Expert mesh:\n\n{rules_table(layout.experts)}"
-            )
+        parts = layout.strategies
+        if len(parts) == 1:
+            (strategy,) = parts.values()
+            mesh, rules = _mesh(strategy), rules_table(strategy)
         else:
-            mesh, rules = _mesh(layout), rules_table(layout)
+            mesh = " + ".join(f"{_mesh(s)} ({role})" for role, s in parts.items())
+            rules = "\n\n".join(
+                f"{role.capitalize()} mesh:\n\n{rules_table(s)}" for role, s in parts.items()
+            )
         parts.append(
             f"## `{name}`\n\n{layout.description}.\n\n**Mesh:** {mesh}\n\n{rules}\n\n"
             f"**Why:** {(module.__doc__ or '').strip()}\n\n"

@@ -13,39 +13,23 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from jaxmoe.analysis.collectives import Inventory, inventory
-from jaxmoe.analysis.memory import memory_per_device
 from jaxmoe.config import ConfigError, ModelConfig
-from jaxmoe.placement import (
-    Placement,
-    abstract_model,
-    forward,
-    init_params,
-    param_bytes_per_device,
-    param_bytes_total,
-    place,
-)
-from jaxmoe.separation import INTER_MESH, Separated, Separation, cost
-from jaxmoe.sharding import Strategy
+from jaxmoe.layout import Layout, Phase, ProgramCost
+from jaxmoe.placement import forward, init_params
 
 
 @dataclasses.dataclass(frozen=True)
-class LayoutReport:
-    strategy: str
-    mesh: dict[str, int]
-    max_abs_err: float | None  # max |logits - one-device logits|; None if either is not finite
-    logits_scale: float | None  # max |one-device logits| over the real vocabulary; None: not finite
-    inventory: Inventory  # every collective of one forward pass
-    per_layer: dict[str, tuple[float, float]]  # kind -> (count, bytes sent per device) per layer
-    textbook_bytes_per_layer: float
-    bubble_fraction: float  # share of a pipeline schedule's iterations a stage idles (0: none)
-    param_bytes_per_device: int
-    param_bytes_total: int
-    memory: dict[str, int]
-    details: dict | None = None  # a layout's own figures (two sub-meshes: per mesh, transfers)
+class LayoutReport(ProgramCost):
+    """What a layout's programs do (`ProgramCost`) and, for the forward pass, how its logits
+    compare with one device's."""
+
+    max_abs_err: float | None = (
+        None  # max |logits - one-device logits|; None: not run, or not finite
+    )
+    logits_scale: float | None = None  # max |one-device logits| over the real vocabulary
     nonfinite_logits: int = 0  # this layout's logits that are NaN or infinite
     reference_nonfinite_logits: int = 0  # the one-device forward pass's
-    n_logits: int = 0  # logits per forward pass (B x S x padded vocabulary)
+    n_logits: int = 0  # logits per forward pass (B x S x padded vocabulary); 0: not run
 
     @property
     def finite(self) -> bool:
@@ -65,6 +49,7 @@ class LayoutReport:
     def to_json(self, cfg: ModelConfig) -> dict:
         totals = self.inventory.by_kind()
         return {
+            "phase": self.phase,
             "mesh": self.mesh,
             "finite": self.finite,
             "max_abs_err": self.max_abs_err,
@@ -87,87 +72,46 @@ class LayoutReport:
         } | (self.details or {})
 
 
-def textbook_per_layer(cfg: ModelConfig, strategy: Strategy | Separation) -> float:
-    """Mean over layers of the strategy's textbook bytes per device."""
-    volume = strategy.textbook_bytes(cfg)
-    return (cfg.n_dense_layers * volume["dense"] + cfg.n_moe_layers * volume["moe"]) / cfg.n_layers
-
-
-def per_layer(inv: Inventory, n_layers: int) -> dict[str, tuple[float, float]]:
-    """Collectives inside the layer loop, per layer: kind -> (count, bytes per device)."""
-    return {
-        k: (t.count / n_layers, t.bytes / n_layers) for k, t in inv.by_kind(in_loop=True).items()
-    }
-
-
 def random_tokens(cfg: ModelConfig, seed: int) -> jax.Array:
     return jax.random.randint(jax.random.key(seed), (cfg.batch, cfg.seq_len), 0, cfg.vocab_size)
 
 
-def compile_forward(placement: Placement) -> jax.stages.Compiled:
-    """The forward pass compiled for the placement's mesh from abstract inputs."""
-    fn = placement.jit(
-        forward(placement.graphdef), in_shardings=(placement.shardings, placement.token_sharding)
-    )
-    return fn.lower(placement.abstract_params(), placement.abstract_tokens()).compile()
-
-
-def analyse(placement: Placement, compiled: jax.stages.Compiled) -> dict:
-    """What the compiled program does: collectives, bytes against the textbook, memory."""
-    cfg, strategy = placement.cfg, placement.strategy
-    inv = inventory(compiled.as_text(), placement.strategy.axis_sizes)
-    return {
-        "strategy": strategy.name,
-        "mesh": strategy.axis_sizes,
-        "inventory": inv,
-        "per_layer": per_layer(inv, cfg.n_layers),
-        "textbook_bytes_per_layer": textbook_per_layer(cfg, strategy),
-        "bubble_fraction": strategy.bubble_fraction(cfg),
-        "param_bytes_per_device": param_bytes_per_device(compiled, placement.abstract),
-        "param_bytes_total": param_bytes_total(placement.abstract),
-        "memory": memory_per_device(compiled),
-    }
-
-
 def compare_strategies(
     cfg: ModelConfig,
-    strategies: Sequence[Strategy | Separation],
+    layouts: Sequence[Layout],
     devices: Sequence[jax.Device],
     seed: int = 0,
+    phase: Phase = "forward",
 ) -> list[LayoutReport]:
-    """Every strategy on the same parameters and tokens, against the one-device forward pass.
+    """Every layout's programs for `phase`; for the forward pass, run on the same parameters and
+    tokens and held against the one-device forward pass (other phases are compiled on abstract
+    inputs, nothing run).
 
-    All strategies are checked against the config (one-line ConfigError) before any compiling.
+    All layouts are checked against the config (one-line ConfigError) before any compiling.
     """
-    layouts = [
-        Separated(cfg, s, devices) if isinstance(s, Separation) else place(cfg, s, devices)
-        for s in strategies
-    ]
+    laid = [layout.lay_out(cfg, devices) for layout in layouts]
+    if phase != "forward":
+        return [LayoutReport(**vars(run.cost(phase))) for run in laid]
     graphdef, state = init_params(cfg, seed)
     tokens = random_tokens(cfg, seed + 1)
     reference = _gathered(jax.jit(forward(graphdef))(state, tokens))
     reference_bad = _nonfinite(reference)
     scale = None if reference_bad else float(np.max(np.abs(reference[..., : cfg.vocab_size])))
     reports = []
-    for layout in layouts:
-        if isinstance(layout, Separated):
-            logits, analysis = separated_forward(layout, state, tokens)
-        else:
-            compiled = compile_forward(layout)
-            logits = compiled(layout.put(state), jax.device_put(tokens, layout.token_sharding))
-            analysis = analyse(layout, compiled)
+    for run in laid:
+        logits, cost = run.run_forward(run.put(state), tokens)
         logits = _gathered(logits)
         bad = _nonfinite(logits)
         # numpy on the gathered arrays: a max over sharded arrays may drop NaNs
         err = None if bad or reference_bad else float(np.max(np.abs(logits - reference)))
         reports.append(
             LayoutReport(
+                **vars(cost),
                 max_abs_err=err,
                 logits_scale=scale,
                 nonfinite_logits=bad,
                 reference_nonfinite_logits=reference_bad,
                 n_logits=reference.size,
-                **analysis,
             )
         )
     return reports
@@ -207,74 +151,3 @@ def check_finite(cfg: ModelConfig, reports: Sequence[LayoutReport]) -> None:
         f"logits: {names} gave NaN or infinite logits where one device's are finite; a layout "
         f"bug: report it with this command line (the other strategies' rows stand)"
     )
-
-
-def separated_forward(run: Separated, state, tokens) -> tuple[np.ndarray, dict]:
-    """The forward pass with attention and experts on two sub-meshes, and what it does.
-
-    Collectives per layer come from the compiled attention and expert programs (per micro-batch,
-    times the micro-batches); the transfers between the meshes from what the pass moved. Counts
-    are what one device of the mesh issuing them does; bytes are averaged over all the devices
-    (attention devices send the all-reduces, expert devices the all-to-alls, both the transfers),
-    as is the textbook volume they are held against.
-    """
-    cfg, sep = run.cfg, run.sep
-    run.moved.clear()
-    logits = run.forward(run.put(state), tokens)
-    moved = {k: v / cfg.n_layers for k, v in run.moved.items()}
-    pieces = cost.compile_pieces(run, "forward")
-    inventories = cost.mesh_inventories(run, pieces)
-    collectives = [c for inv in inventories.values() for c in inv.collectives]
-    by_mesh = {
-        mesh: {
-            k: (t.count / cfg.n_layers, t.bytes / cfg.n_layers) for k, t in inv.by_kind().items()
-        }
-        for mesh, inv in inventories.items()
-    }
-    a, x = sep.attention.n_devices, sep.experts.n_devices
-    per_layer = {}
-    for kind, (count_a, bytes_a) in by_mesh["attention"].items():
-        count_x, bytes_x = by_mesh["experts"][kind]
-        if count_a + count_x:
-            per_layer[kind] = (count_a + count_x, (a * bytes_a + x * bytes_x) / (a + x))
-    crossing = sum(moved.get(k, 0.0) for k in INTER_MESH)
-    calls_per_layer = cfg.micro_batches * cfg.n_moe_layers / cfg.n_layers
-    per_layer["transfer"] = (2.0 * calls_per_layer, crossing / (a + x))
-    per_layer["fanout"] = (calls_per_layer, moved.get("fanout", 0.0) / (a + x))
-    params = run.abstract_params()
-    held = {
-        "attention": cost.shard_bytes((params.outer, params.attention)),
-        "experts": cost.shard_bytes(params.experts),
-    }
-    textbook = sep.transfer_bytes(cfg) * 2 * cfg.n_moe_layers / cfg.n_layers
-    details = {
-        "separation": {
-            "attention_mesh": sep.attention.axis_sizes,
-            "expert_mesh": sep.experts.axis_sizes,
-            "micro_batches": cfg.micro_batches,
-            "transfer_bits": sep.transfer_bits,
-            "heads": sep.padding(cfg),
-            "collectives_per_layer_by_mesh": {
-                mesh: {k: {"count": c, "bytes_per_device": b} for k, (c, b) in per.items() if c}
-                for mesh, per in by_mesh.items()
-            },
-            "moved_per_layer": moved,
-            "transfer_bytes_per_layer": crossing,
-            "transfer_textbook_bytes_per_layer": textbook,
-            "transfer_vs_textbook": crossing / textbook if textbook else None,
-            "param_bytes_per_device_by_mesh": held,
-        }
-    }
-    mesh = {"attention": sep.attention.axis_sizes, "experts": sep.experts.axis_sizes}
-    return logits, {
-        "strategy": sep.name,
-        "mesh": mesh,
-        "inventory": Inventory(tuple(collectives)),
-        "per_layer": per_layer,
-        "textbook_bytes_per_layer": textbook_per_layer(cfg, sep),
-        "bubble_fraction": 0.0,
-        "param_bytes_per_device": max(held.values()),
-        "param_bytes_total": param_bytes_total(abstract_model(cfg)[1]),
-        "memory": cost.memory(run, pieces, "forward"),
-        "details": details,
-    }

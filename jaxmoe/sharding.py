@@ -5,6 +5,8 @@ code calls `constrain(x, axes)` with logical axes only; inside `activation_layou
 becomes a sharding constraint for XLA's SPMD partitioner, outside it does nothing.
 """
 
+from __future__ import annotations
+
 import contextlib
 import contextvars
 import dataclasses
@@ -61,8 +63,9 @@ class Strategy:
     `textbook_bytes(cfg)` gives the bytes one device should send per layer in the forward pass,
     as `{"dense": ..., "moe": ...}`, from the collective formulas of strategies.md. Where rules
     cannot say it, `run_layers` replaces the scan over the blocks (a pipeline schedule),
-    `check(cfg)` adds the strategy's own checks, raising ConfigError, and `bubble_fraction(cfg)`
-    is the share of a pipeline schedule's iterations a stage spends idle (0 without one).
+    `extra_checks(cfg)` adds the strategy's own checks, raising ConfigError, and
+    `bubble_fraction(cfg)` is the share of a pipeline schedule's iterations a stage spends idle
+    (0 without one). A strategy is a `jaxmoe.layout.Layout` over one mesh.
     """
 
     name: str
@@ -71,7 +74,7 @@ class Strategy:
     description: str
     textbook_bytes: Callable[[ModelConfig], dict[str, float]]
     run_layers: LayerRunner = scan_layers
-    check: Callable[[ModelConfig], None] = lambda cfg: None
+    extra_checks: Callable[[ModelConfig], None] = lambda cfg: None
     bubble_fraction: Callable[[ModelConfig], float] = lambda cfg: 0.0
 
     def __post_init__(self) -> None:
@@ -91,12 +94,37 @@ class Strategy:
     def axis_sizes(self) -> dict[str, int]:
         return dict(self.mesh_shape)
 
-    def make_mesh(self, devices: Sequence[jax.Device]) -> Mesh:
-        if len(devices) != self.n_devices:
+    # ---- the Layout interface (jaxmoe.layout) ------------------------------------------------
+    @property
+    def mesh(self) -> dict[str, int]:
+        return self.axis_sizes
+
+    @property
+    def strategies(self) -> dict[str, Strategy]:
+        return {"mesh": self}
+
+    def check(self, cfg: ModelConfig, n_devices: int | None = None) -> None:
+        if n_devices is not None:
+            self.check_devices(n_devices)
+        check_divisible(cfg, self)
+
+    def check_devices(self, n_devices: int) -> None:
+        if n_devices != self.n_devices:
             raise ConfigError(
-                f"strategy {self.name} needs {self.n_devices} devices, {len(devices)} given; "
+                f"strategy {self.name} needs {self.n_devices} devices, {n_devices} given; "
                 f"run with --devices {self.n_devices}"
             )
+
+    def variants(self, cfg: ModelConfig) -> list[tuple[ModelConfig, str]]:
+        return [(cfg, self.name)]
+
+    def lay_out(self, cfg: ModelConfig, devices: Sequence[jax.Device]):
+        from jaxmoe.spmd import SpmdRun  # it builds on this module
+
+        return SpmdRun(cfg, self, devices)
+
+    def make_mesh(self, devices: Sequence[jax.Device]) -> Mesh:
+        self.check_devices(len(devices))
         shape = tuple(size for _, size in self.mesh_shape)
         names = tuple(name for name, _ in self.mesh_shape)
         grid = np.asarray(devices, dtype=object).reshape(shape)
@@ -219,7 +247,7 @@ def split_sizes(cfg: ModelConfig) -> dict[Axis, tuple[int, str]]:
 
 def check_divisible(cfg: ModelConfig, strategy: Strategy) -> None:
     """Raise a one-line ConfigError for any size this strategy splits unevenly."""
-    strategy.check(cfg)
+    strategy.extra_checks(cfg)
     for logical, (size, field) in split_sizes(cfg).items():
         factor = strategy.split_factor(logical)
         if size % factor:

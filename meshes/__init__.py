@@ -1,6 +1,7 @@
 """Strategies: where the model runs. One module per strategy, registered here by name."""
 
 from jaxmoe.config import ConfigError
+from jaxmoe.layout import Layout
 from jaxmoe.separation import Separation
 from jaxmoe.sharding import Strategy
 from meshes import ep16, heads_dims, ma_separation, single, tp8_pp2, tp16
@@ -19,17 +20,18 @@ REGISTRY: dict[str, Strategy] = {
 
 # layouts over two sub-meshes, joined by transfers (not one SPMD program)
 SEPARATIONS: dict[str, Separation] = {ma_separation.NAME: ma_separation.separation()}
-LAYOUTS: dict[str, Strategy | Separation] = REGISTRY | SEPARATIONS
+LAYOUTS: dict[str, Layout] = REGISTRY | SEPARATIONS
 
 ONE_DEVICE = single.STRATEGY  # the reference, outside the registry
 
 
-def get(name: str) -> Strategy | Separation:
-    """A registered strategy, `one_device`, or `ma_separation[:A+X[/R]]`."""
+def get(name: str, transfer_bits: int = 0) -> Layout:
+    """A registered strategy, `one_device`, or `ma_separation[:A+X[/R]]` (whose hidden states
+    cross between its meshes as int8 with `transfer_bits=8`; other layouts move none)."""
     if name == ONE_DEVICE.name:
         return ONE_DEVICE
     if name.split(":")[0] == ma_separation.NAME:
-        return ma_separation.parse(name)
+        return ma_separation.parse(name).with_options(transfer_bits=transfer_bits)
     if name not in REGISTRY:
         raise ConfigError(
             f"unknown strategy {name!r}; choose from {', '.join(LAYOUTS)} "

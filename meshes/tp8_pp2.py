@@ -68,7 +68,7 @@ STRATEGY = Strategy(
     description="tensor parallel 8 x pipeline parallel 2 (GPipe); experts split over tensor",
     textbook_bytes=textbook(experts_split=True),
     run_layers=pipeline.gpipe(MeshAxis.PIPE),
-    check=_check,
+    extra_checks=_check,
     bubble_fraction=_bubble,
 )
 
@@ -79,6 +79,6 @@ EXPERTS_TP = Strategy(
     description="tensor parallel 8 x pipeline parallel 2; every expert's width split over tensor",
     textbook_bytes=textbook(experts_split=False),
     run_layers=STRATEGY.run_layers,
-    check=_check,
+    extra_checks=_check,
     bubble_fraction=_bubble,
 )

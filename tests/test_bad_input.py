@@ -184,6 +184,7 @@ def _report(strategy: str, nonfinite: int, reference: int) -> LayoutReport:
     return LayoutReport(
         strategy=strategy,
         mesh={"tensor": 16},
+        phase="forward",
         max_abs_err=err,
         logits_scale=None if reference else 1.0,
         inventory=Inventory(()),

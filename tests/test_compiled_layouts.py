@@ -11,7 +11,7 @@ from tiny import forward_hlo, tiny
 
 import meshes
 from jaxmoe.analysis.collectives import inventory
-from jaxmoe.compare import per_layer, textbook_per_layer
+from jaxmoe.layout import per_layer, textbook_per_layer
 from jaxmoe.placement import compiled_param_shardings, param_specs
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -84,13 +84,11 @@ def test_bad_names_get_one_line_listing_the_choices(args, message, capsys):
 
 def test_the_strategies_page_shows_each_layouts_rules_as_the_code_has_them():
     from experiments.strategy_docs import PAGE, rules_table
-    from jaxmoe.separation import Separation
 
     page = PAGE.read_text()
     for name, layout in meshes.LAYOUTS.items():
         assert f"## `{name}`" in page
-        parts = (layout.attention, layout.experts) if isinstance(layout, Separation) else (layout,)
-        for strategy in parts:
+        for strategy in layout.strategies.values():
             assert rules_table(strategy) in page, name
 
 

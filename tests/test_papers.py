@@ -3,15 +3,12 @@
 import jax
 import numpy as np
 import pytest
-from tiny import forward_hlo
 
 import meshes
 from experiments.papers import registry
 from jaxmoe.compare import random_tokens
 from jaxmoe.config import ConfigError
 from jaxmoe.placement import init_params
-from jaxmoe.separation import Separated, Separation
-from jaxmoe.sharding import check_divisible
 
 EXPERIMENTS = list(registry.EXPERIMENTS.values())
 PAIRS = [(e, s) for e in EXPERIMENTS for s in e.strategies]
@@ -39,10 +36,7 @@ def test_configs_are_named_and_share_structure(exp):
 def test_both_scales_fit_each_strategy(exp, strategy):
     layout = meshes.get(strategy)
     for cfg in (exp.tiny, exp.full):
-        if isinstance(layout, Separation):
-            layout.check(cfg, 16)
-        else:
-            check_divisible(cfg, layout)
+        layout.check(cfg, 16)
 
 
 @pytest.mark.parametrize("exp", EXPERIMENTS, ids=lambda e: e.name)
@@ -69,12 +63,7 @@ def test_unknown_paper_names_the_choices():
 def test_tiny_runs_under_each_strategy(exp, strategy):
     cfg, layout = exp.tiny, meshes.get(strategy)
     _, state = init_params(cfg)
-    if isinstance(layout, Separation):
-        run = Separated(cfg, layout, jax.devices())
-        logits = run.forward(run.put(state), random_tokens(cfg, 0))
-    else:
-        placement, compiled = forward_hlo(cfg, layout)
-        tokens = jax.device_put(random_tokens(cfg, 0), placement.token_sharding)
-        logits = np.asarray(compiled(placement.put(state), tokens))
+    run = layout.lay_out(cfg, jax.devices())
+    logits, _ = run.run_forward(run.put(state), random_tokens(cfg, 0))
     assert logits.shape[:2] == (cfg.batch, cfg.seq_len)
     assert np.isfinite(logits).all()

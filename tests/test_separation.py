@@ -42,7 +42,7 @@ def test_logits_match_one_device(micro_batches):
     tokens, _ = _tokens(cfg)
     ref = np.asarray(jax.jit(forward(graphdef))(state, tokens))[..., : cfg.vocab_size]
     run = _run(cfg)
-    got = run.forward(run.put(state), tokens)[..., : cfg.vocab_size]
+    got = run.forward(run.put(state), tokens).logits[..., : cfg.vocab_size]
     assert np.max(np.abs(got - ref)) <= 1e-5 * np.max(np.abs(ref))
 
 
@@ -54,7 +54,7 @@ def test_loss_and_grads_match_one_device(dropout):
     key = jax.random.key(2) if dropout else None
     ref_loss, ref_grads = jax.jit(loss_and_grad(graphdef))(state, inputs, targets, key)
     run = _run(cfg)
-    metrics, grads = run.loss_and_grads(run.put(state), inputs, targets, key)
+    metrics, grads, _ = run.loss_and_grads(run.put(state), inputs, targets, key)
     assert abs(float(metrics["loss"]) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
     got = run.model_state(grads)
     want = jax.tree_util.tree_leaves_with_path(ref_grads)
@@ -79,22 +79,22 @@ def test_eight_bit_transfers_error_is_bounded_and_bytes_shrink():
     tokens, _ = _tokens(cfg)
     ref = np.asarray(jax.jit(forward(graphdef))(state, tokens))[..., : cfg.vocab_size]
     run = _run(cfg, SEP.with_options(transfer_bits=8))
-    got = run.forward(run.put(state), tokens)[..., : cfg.vocab_size]
+    done = run.forward(run.put(state), tokens)
+    got = done.logits[..., : cfg.vocab_size]
     err = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
     assert 0 < err <= 2e-2  # int8 with a scale per token: about 1% of the logits' range here
     per_layer = cfg.tokens * (cfg.d_model + 4)  # int8 values and one float32 scale per token
-    assert run.moved["to_experts"] == run.moved["to_attention"] == per_layer * cfg.n_layers
+    assert done.moved["to_experts"] == done.moved["to_attention"] == per_layer * cfg.n_layers
 
 
 def test_training_and_forward_move_tokens_x_d_each_way_per_layer():
     cfg = tiny(micro_batches=2)
     run, params, inputs, targets = _placed(cfg)
     textbook = cfg.tokens * cfg.d_model * cfg.compute_dtype.itemsize * cfg.n_moe_layers
-    run.forward(params, inputs)
-    assert run.moved["to_experts"] == run.moved["to_attention"] == textbook
-    run.moved.clear()
-    run.loss_and_grads(params, inputs, targets)  # and the cotangents back the same way
-    assert run.moved["to_experts"] == run.moved["to_attention"] == 2 * textbook
+    moved = run.forward(params, inputs).moved
+    assert moved["to_experts"] == moved["to_attention"] == textbook
+    moved = run.loss_and_grads(params, inputs, targets)[2]  # the cotangents back the same way
+    assert moved["to_experts"] == moved["to_attention"] == 2 * textbook
 
 
 def test_each_device_holds_only_its_sides_weights():
@@ -174,8 +174,7 @@ def test_timeline_records_every_program_on_its_mesh():
     cfg = tiny(micro_batches=2)
     run, params, inputs, targets = _placed(cfg)
     with Timeline() as timeline:
-        run.timeline = timeline
-        run.loss_and_grads(params, inputs, targets)
+        run.loss_and_grads(params, inputs, targets, timeline=timeline)
     overlap = timeline.overlap()
     pieces = cfg.n_blocks * cfg.micro_batches * 2  # forward and backward
     assert [i.mesh for i in overlap.intervals].count("attention") == pieces

@@ -17,8 +17,7 @@ import pytest
 
 import meshes
 from jaxmoe.config import preset
-from jaxmoe.separation import Separation
-from jaxmoe.sharding import Strategy
+from jaxmoe.layout import Layout
 from jaxmoe.train.loop import RunOptions, train
 from jaxmoe.train.recipe import TrainConfig
 from jaxmoe.train.steps import make_trainer
@@ -36,7 +35,7 @@ def losses(workdir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in lines}
 
 
-def run_in_process(strategy: Strategy | Separation, workdir: Path) -> dict[int, float]:
+def run_in_process(strategy: Layout, workdir: Path) -> dict[int, float]:
     cfg = preset("tiny_moe").replace(expert_dropout=0.1, **SMALL)
     tc = TrainConfig(learning_rate=CURVE_LR).scaled_to(CURVE_STEPS)
     opts = RunOptions(

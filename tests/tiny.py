@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from jaxmoe.compare import compile_forward, random_tokens
+from jaxmoe.compare import random_tokens
 from jaxmoe.config import ModelConfig
 from jaxmoe.placement import Placement, init_params, loss_and_grad, place
 from jaxmoe.sharding import Strategy
@@ -36,8 +36,8 @@ def placed(cfg: ModelConfig, strategy: Strategy) -> Placement:
 
 
 def forward_hlo(cfg: ModelConfig, strategy: Strategy) -> tuple[Placement, jax.stages.Compiled]:
-    placement = placed(cfg, strategy)
-    return placement, compile_forward(placement)
+    run = strategy.lay_out(cfg, jax.devices()[:DEVICES])
+    return run.placement, run.compile_forward()
 
 
 def loss_grads(cfg: ModelConfig, strategy: Strategy | None, seed: int = 0, dropout: bool = False):

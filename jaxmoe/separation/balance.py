@@ -44,12 +44,7 @@ def measure_pieces(run: Separated, params, *, warmup: int = 1, iters: int = 5) -
 def overlap(run: Separated, params, tokens, *, serial: bool = False, repeats: int = 3) -> Overlap:
     """The forward pass's timeline (the last of `repeats`, the first ones warming up): busy time
     per mesh and their overlap; `serial` waits for every program before issuing the next."""
-    run.serial = serial
-    try:
-        for _ in range(repeats):
-            with Timeline() as timeline:
-                run.timeline = timeline
-                jax.block_until_ready(run.forward(params, tokens))
-    finally:
-        run.timeline, run.serial = None, False
+    for _ in range(repeats):
+        with Timeline() as timeline:
+            run.forward(params, tokens, timeline=timeline, serial=serial)  # waits for the logits
     return timeline.overlap()

@@ -172,19 +172,44 @@ def separated_bound(
     return SeparatedBound(bounds, transfers, cfg.n_blocks, cfg.micro_batches)
 
 
-def mesh_inventories(run: Separated, pieces: dict[str, jax.stages.Compiled]) -> dict:
-    """The collectives one pass issues inside the blocks, per mesh (`attention`, `experts`): each
-    piece's (one block, one micro-batch), run once per block and micro-batch."""
-    calls = run.cfg.micro_batches * run.cfg.n_blocks
-    found = {}
-    for mesh, piece, strategy in (
-        ("attention", "attend", run.sep.attention),
-        ("experts", "experts", run.sep.experts),
-    ):
+EXPERT_PIECES = ("experts", "expert_grads", "router", "update_experts")  # the rest: attention
+
+
+def calls(run: Separated, phase: str) -> dict[str, int]:
+    """How often one call of `phase` runs each piece. The forward pass and inference count the
+    blocks' pieces only (attention, experts: the layers); a training step counts every piece."""
+    m, n = run.cfg.micro_batches, run.cfg.n_blocks
+    blocks = {"attend": m * n, "experts": m * n}
+    if phase != "train":
+        return blocks
+    grads = {"attend_grads": m * n, "expert_grads": m * n}
+    once = {"router": 1, "update_attention": 1, "update_experts": 1}
+    return blocks | grads | once | {"embed": m, "head_grads": m, "embed_grads": m}
+
+
+def mesh_inventories(
+    run: Separated, pieces: dict[str, jax.stages.Compiled], counts: dict[str, int] | None = None
+) -> dict[str, Inventory]:
+    """The collectives one call issues, per mesh (`attention`, `experts`): each piece's, times
+    the calls made of it (`counts`; default: a forward pass's blocks)."""
+    counts = calls(run, "forward") if counts is None else counts
+    found = {"attention": [], "experts": []}
+    for piece, times in counts.items():
+        mesh = "experts" if piece in EXPERT_PIECES else "attention"
+        strategy = run.sep.experts if mesh == "experts" else run.sep.attention
         inv = inventory(pieces[piece].as_text(), strategy.axis_sizes)
-        scaled = (dataclasses.replace(c, executions=c.executions * calls) for c in inv.collectives)
-        found[mesh] = Inventory(tuple(scaled))
-    return found
+        found[mesh] += [
+            dataclasses.replace(c, executions=c.executions * times) for c in inv.collectives
+        ]
+    return {mesh: Inventory(tuple(c)) for mesh, c in found.items()}
+
+
+def like(compiled: jax.stages.Compiled, index: int):
+    """Abstract arrays shaped and laid out like output `index` of a compiled piece."""
+    return jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+        compiled.out_info[index],
+    )
 
 
 def shard_bytes(tree) -> int:
@@ -201,36 +226,108 @@ def cache_bytes(run: Separated) -> int:
     return 2 * shard_bytes(one) * cfg.layers_per_block * cfg.n_blocks * cfg.micro_batches
 
 
-def memory(run: Separated, pieces: dict[str, jax.stages.Compiled], phase: str) -> dict[str, int]:
+@dataclasses.dataclass(frozen=True)
+class MeshMemory:
+    """Bytes per device on one mesh."""
+
+    parameters: int
+    cache: int  # KV cache, all blocks and micro-batches
+    states: int  # the states kept between pieces (in training: every piece's saved inputs)
+    temporaries: int  # the largest of the mesh's programs'
+    gradients: int = 0  # training: one per parameter, laid out like it
+    optimizer_state: int = 0  # training: AdamW's moments, laid out like the parameters
+
+    @property
+    def total(self) -> int:
+        return sum(dataclasses.asdict(self).values())
+
+
+@dataclasses.dataclass(frozen=True)
+class SeparatedMemory:
+    attention: MeshMemory
+    experts: MeshMemory
+
+    @property
+    def total(self) -> int:
+        """The busier mesh's."""
+        return max(self.attention.total, self.experts.total)
+
+    def training_parts(self) -> dict[str, int]:
+        """The busier mesh's training memory as a strategy's: parameters, gradients,
+        optimizer state, activations (saved states and temporaries), total."""
+        part = max((self.attention, self.experts), key=lambda m: m.total)
+        return {
+            "parameters": part.parameters,
+            "gradients": part.gradients,
+            "optimizer_state": part.optimizer_state,
+            "activations": part.states + part.temporaries,
+            "total": part.total,
+        }
+
+    def to_json(self) -> dict[str, int]:
+        """Flat: `attention_parameters`, ..., each mesh's total, and `total`."""
+        out = {}
+        for mesh in ("attention", "experts"):
+            part = getattr(self, mesh)
+            out |= {
+                f"{mesh}_{k}": v
+                for k, v in dataclasses.asdict(part).items()
+                if v or k not in ("gradients", "optimizer_state")  # training's parts
+            }
+            out[f"{mesh}_total"] = part.total
+        return out | {"total": self.total}
+
+    def per_mesh_json(self) -> dict[str, int]:
+        """What `explain` shows: each mesh's parts that are not zero."""
+        out = {}
+        for mesh in ("attention", "experts"):
+            part = dataclasses.asdict(getattr(self, mesh))
+            out |= {f"{mesh}_{k}": v for k, v in part.items() if v and k != "cache"}
+        return out
+
+
+def memory(
+    run: Separated,
+    pieces: dict[str, jax.stages.Compiled],
+    phase: str,
+    optimizer: tuple[int, int] = (0, 0),
+) -> SeparatedMemory:
     """Bytes per device on each mesh: parameters, KV cache (all blocks and micro-batches), the
-    states kept between pieces, and the largest temporaries of the mesh's programs; `total` is
-    the larger mesh's."""
+    states kept between pieces, and the largest temporaries of the mesh's programs; in training
+    also gradients, the optimizer state (`optimizer`: bytes per device on each mesh) and every
+    piece's saved inputs for the backward pass."""
     cfg, params = run.cfg, run.abstract_params()
     seq = 1 if phase == "decode" else cfg.seq_len
     states = (run.rows, seq, cfg.d_model)
+    train = phase == "train"
 
-    def kept(sharding):  # the states between pieces: x and y per micro-batch, or h and y
+    def kept(sharding, per_block: int):  # x and y per micro-batch, or h and y
         per = math.prod(sharding.shard_shape(states)) * cfg.compute_dtype.itemsize
-        return 2 * cfg.micro_batches * per
+        return (per_block * cfg.n_blocks if train else 2) * cfg.micro_batches * per
 
-    cache = 0 if phase == "forward" else cache_bytes(run)
-
-    def temporaries(names):
+    def temporaries(mesh):
+        names = [n for n in pieces if (n in EXPERT_PIECES) == (mesh == "experts")]
         return max(memory_per_device(pieces[n])["temporaries"] for n in names)
 
-    attention = {
-        "parameters": shard_bytes((params.outer, params.attention)),
-        "cache": cache,
-        "states": kept(run.residual),
-        "temporaries": temporaries(("embed", "attend", "head")),
+    held = {
+        "attention": shard_bytes((params.outer, params.attention)),
+        "experts": shard_bytes(params.experts),
     }
-    experts = {
-        "parameters": shard_bytes(params.experts),
-        "cache": 0,
-        "states": kept(run.at_experts),
-        "temporaries": temporaries(("experts",)),
-    }
-    totals = {"attention": sum(attention.values()), "experts": sum(experts.values())}
-    out = {f"attention_{k}": v for k, v in attention.items()}
-    out |= {f"experts_{k}": v for k, v in experts.items()}
-    return out | {f"{k}_total": v for k, v in totals.items()} | {"total": max(totals.values())}
+    return SeparatedMemory(
+        MeshMemory(
+            parameters=held["attention"],
+            cache=0 if phase in ("forward", "train") else cache_bytes(run),
+            states=kept(run.residual, 2),
+            temporaries=temporaries("attention"),
+            gradients=held["attention"] if train else 0,
+            optimizer_state=optimizer[0],
+        ),
+        MeshMemory(
+            parameters=held["experts"],
+            cache=0,
+            states=kept(run.at_experts, 1 if train else 2),
+            temporaries=temporaries("experts"),
+            gradients=held["experts"] if train else 0,
+            optimizer_state=optimizer[1],
+        ),
+    )

@@ -71,6 +71,41 @@ class Separation:
     def with_options(self, **changes) -> Separation:
         return dataclasses.replace(self, **changes)
 
+    # ---- the Layout interface (jaxmoe.layout) ------------------------------------------------
+    @property
+    def mesh(self) -> dict[str, dict[str, int]]:
+        return {"attention": self.attention.axis_sizes, "experts": self.experts.axis_sizes}
+
+    @property
+    def strategies(self) -> dict[str, Strategy]:
+        return {"attention": self.attention, "experts": self.experts}
+
+    def bubble_fraction(self, cfg: ModelConfig) -> float:
+        return 0.0  # the ping-pong has no schedule bubble; the bound composes what it hides
+
+    def check_devices(self, n_devices: int) -> None:
+        a, x = self.attention.n_devices, self.experts.n_devices
+        if a + x > n_devices:
+            raise ConfigError(
+                f"{self.name}: {a} attention + {x} expert devices exceed the {n_devices} devices "
+                f"available; choose sub-meshes of at most {n_devices} devices in all"
+            )
+
+    def variants(self, cfg: ModelConfig) -> list[tuple[ModelConfig, str]]:
+        """The config with the most ping-pong micro-batches, up to its own, then fewer (halving;
+        named in the variant)."""
+        out, m = [], cfg.micro_batches
+        while m >= 1:
+            suffix = "" if m == cfg.micro_batches else f" (micro_batches={m})"
+            out.append((cfg.replace(micro_batches=m), self.name + suffix))
+            m //= 2
+        return out
+
+    def lay_out(self, cfg: ModelConfig, devices: Sequence[jax.Device]):
+        from jaxmoe.separation.laid import SeparatedRun  # it builds on this module
+
+        return SeparatedRun(cfg, self, devices)
+
     def heads_per_device(self, cfg: ModelConfig) -> list[int]:
         """Real heads on each device of a replica group (the first ones take one more)."""
         n, h = self.group_size, cfg.n_heads
@@ -135,12 +170,9 @@ class Separation:
 
     def check(self, cfg: ModelConfig, n_devices: int | None = None) -> None:
         """One-line ConfigError for anything this layout cannot run, before any compiling."""
-        a, x = self.attention.n_devices, self.experts.n_devices
-        if n_devices is not None and a + x > n_devices:
-            raise ConfigError(
-                f"{self.name}: {a} attention + {x} expert devices exceed the {n_devices} devices "
-                f"available; choose sub-meshes of at most {n_devices} devices in all"
-            )
+        x = self.experts.n_devices
+        if n_devices is not None:
+            self.check_devices(n_devices)
         sizes = self.attention.axis_sizes
         if sizes[self.replica_axis] * sizes[self.slice_axis] != x:
             raise ConfigError(
@@ -179,9 +211,5 @@ class Separation:
     def make_meshes(self, devices: Sequence[jax.Device]) -> tuple[Mesh, Mesh]:
         """(attention mesh on the first devices, expert mesh on the next ones)."""
         a, x = self.attention.n_devices, self.experts.n_devices
-        if a + x > len(devices):
-            raise ConfigError(
-                f"{self.name}: {a} attention + {x} expert devices exceed the {len(devices)} "
-                f"devices available; choose sub-meshes of at most {len(devices)} devices in all"
-            )
+        self.check_devices(len(devices))
         return self.attention.make_mesh(devices[:a]), self.experts.make_mesh(devices[a : a + x])

@@ -5,7 +5,7 @@ moved to the expert mesh, experts, their output moved back. Dispatch is asynchro
 the expert mesh works on micro-batch m the attention mesh already runs micro-batch m + 1 (the
 ping-pong); `Timeline` records when each program finishes, to show it.
 
-What crosses between the meshes is counted as it is moved (`moved`, bytes per kind, from the
+What crosses between the meshes is counted as it is moved (`Pass.moved`, bytes per kind, from the
 shardings of the arrays each `device_put` makes): `to_experts` and `to_attention` cross between
 the meshes, `fanout` stays inside the attention mesh. Crossing states are cut by sequences into as
 many blocks as there are expert devices: expert device i takes block i from a device of the
@@ -20,6 +20,7 @@ forward pass from the inputs saved at its boundary (see `programs`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections import Counter
@@ -42,6 +43,25 @@ from jaxmoe.separation.timeline import Timeline
 from jaxmoe.sharding import param_shardings, with_shardings
 
 INTER_MESH = ("to_experts", "to_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """A forward pass's logits [B, S, V] (float32, on the host) and the bytes it moved between
+    programs, per kind (`to_experts`, `to_attention`, `fanout`)."""
+
+    logits: np.ndarray
+    moved: dict[str, int]
+
+
+@dataclasses.dataclass
+class _Call:
+    """What one call records as it goes: bytes moved per kind, the programs it dispatched (on a
+    `timeline`, when given), and whether it waits for each program before the next (`serial`)."""
+
+    timeline: Timeline | None = None
+    serial: bool = False
+    moved: Counter = dataclasses.field(default_factory=Counter)
 
 
 @functools.lru_cache(maxsize=256)
@@ -79,9 +99,6 @@ class Separated:
         self._empty_kv = jax.jit(
             self._zeros_kv, out_shardings=KV(self.cache_sharding, self.cache_sharding)
         )
-        self.moved: Counter[str] = Counter()
-        self.timeline: Timeline | None = None
-        self.serial = False  # True: wait for every program before issuing the next (no overlap)
 
     @property
     def rows(self) -> int:
@@ -105,20 +122,22 @@ class Separated:
         return sp.join(params, self.cfg, self.sep, abstract_model(self.cfg)[1])
 
     # ---- moving states between the meshes ----------------------------------------------------
-    def _move(self, x, sharding: NamedSharding, kind: str):
+    def _move(self, x, sharding: NamedSharding, kind: str, call: _Call):
         out = jax.device_put(x, sharding)
         for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(out), strict=True):
             src = frozenset(a.sharding.device_set)
-            self.moved[kind] += _crossing(src, sharding, b.shape, b.dtype.itemsize)
+            call.moved[kind] += _crossing(src, sharding, b.shape, b.dtype.itemsize)
         return out
 
-    def _to_attention(self, y):
-        return self._move(self._move(y, self.landing, "to_attention"), self.exit, "fanout")
+    def _to_attention(self, y, call: _Call):
+        y = self._move(y, self.landing, "to_attention", call)
+        return self._move(y, self.exit, "fanout", call)
 
-    def _note(self, mesh: str, label: str, out, after: str | None = None) -> None:
-        if self.timeline is not None:
-            self.timeline.dispatched(mesh, label, out, after)
-        if self.serial:
+    @staticmethod
+    def _note(call: _Call, mesh: str, label: str, out, after: str | None = None) -> None:
+        if call.timeline is not None:
+            call.timeline.dispatched(mesh, label, out, after)
+        if call.serial:
             jax.block_until_ready(out)
 
     # ---- the forward pass over the blocks ------------------------------------------------------
@@ -133,7 +152,7 @@ class Separated:
         pieces = [tokens[m * r : (m + 1) * r] for m in range(self.cfg.micro_batches)]
         return [jax.device_put(p, self.tokens) for p in pieces]
 
-    def _blocks(self, params, xs, caches, pos, keys, saved=None):
+    def _blocks(self, call: _Call, params, xs, caches, pos, keys, saved=None):
         """Every block on every micro-batch, layer-major (the ping-pong order). Returns the last
         attention outputs, the last expert outputs (on the attention mesh) and routing sums
         [block][micro-batch]; `saved` collects each piece's inputs for the backward pass."""
@@ -148,35 +167,43 @@ class Separated:
                 xs[m], h, cache = prog.attend(params.attention[i], x_in, y_in, cache, pos)
                 if caches is not None:
                     caches[i][m] = cache
-                self._note("attention", f"attend {i}.{m}", xs[m], f"experts {i - 1}.{m}")
-                h = self._move(h, self.at_experts, "to_experts")
+                self._note(call, "attention", f"attend {i}.{m}", xs[m], f"experts {i - 1}.{m}")
+                h = self._move(h, self.at_experts, "to_experts", call)
                 key = None if keys is None else keys[i]
                 y, sums = prog.experts(params.experts[i], h, key, m * self.rows)
-                self._note("experts", f"experts {i}.{m}", y, f"attend {i}.{m}")
-                ys[m] = self._to_attention(y)
+                self._note(call, "experts", f"experts {i}.{m}", y, f"attend {i}.{m}")
+                ys[m] = self._to_attention(y, call)
                 row.append(sums)
                 if saved is not None:
                     saved.append((i, m, x_in, y_in, h))
             stats.append(row)
         return xs, ys, stats
 
-    def forward(self, params: sp.SepParams, tokens) -> np.ndarray:
-        """tokens [B, S] -> logits [B, S, V] (float32, on the host)."""
+    def forward(
+        self, params: sp.SepParams, tokens, *, timeline: Timeline | None = None, serial=False
+    ) -> Pass:
+        """tokens [B, S] -> the pass: logits [B, S, V] and what moved. With a `timeline`, every
+        program is recorded on it as dispatched; `serial` waits for each before the next."""
+        call = _Call(timeline, serial)
         parts = self._split_rows(tokens)
         xs = [self.programs.embed(params.outer, t, 0) for t in parts]
-        xs, ys, _ = self._blocks(params, xs, None, 0, None)
+        xs, ys, _ = self._blocks(call, params, xs, None, 0, None)
         logits = [self.programs.logits(params.outer, x, y) for x, y in zip(xs, ys, strict=True)]
-        return np.concatenate([np.asarray(a) for a in logits])
+        return Pass(np.concatenate([np.asarray(a) for a in logits]), dict(call.moved))
 
     # ---- training ------------------------------------------------------------------------------
-    def loss_and_grads(self, params: sp.SepParams, inputs, targets, dropout_key=None):
+    def loss_and_grads(
+        self, params: sp.SepParams, inputs, targets, dropout_key=None, timeline=None
+    ):
         """The training loss (next-token cross-entropy plus the router losses), its metrics and
-        the gradients of every separated parameter, as the one-device `loss_fn` defines them."""
+        the gradients of every separated parameter, as the one-device `loss_fn` defines them,
+        and the bytes moved between programs per kind; with a `timeline`, every program is
+        recorded on it as dispatched."""
         if self.sep.transfer_bits:
             raise ConfigError(
                 f"{self.sep.name}: 8-bit transfers are for inference; train with transfer_bits=0"
             )
-        prog, n_micro = self.programs, self.cfg.micro_batches
+        prog, n_micro, call = self.programs, self.cfg.micro_batches, _Call(timeline)
         parts = self._split_rows(inputs)
         goals = self._split_rows(targets)
         keys = None
@@ -184,7 +211,7 @@ class Separated:
             keys = jax.random.split(dropout_key, self.cfg.n_blocks)
         saved: list = []
         xs = [prog.embed(params.outer, t, 0) for t in parts]
-        xs, ys, stats = self._blocks(params, xs, None, 0, keys, saved)
+        xs, ys, stats = self._blocks(call, params, xs, None, 0, keys, saved)
         ce, g_outer, ct_x, ct_y = 0.0, None, [], []
         for x, y, goal in zip(xs, ys, goals, strict=True):
             loss, (g, cx, cy) = prog.head_grads(params.outer, x, y, goal, 1.0 / n_micro)
@@ -199,15 +226,15 @@ class Separated:
         g_exp: list = [None] * self.cfg.n_blocks
         for i, m, x_in, y_in, h in reversed(saved):
             key = None if keys is None else keys[i]
-            cy = self._move(ct_y[m], self.at_experts, "to_experts")
+            cy = self._move(ct_y[m], self.at_experts, "to_experts", call)
             g, ct_h = prog.expert_grads(params.experts[i], h, key, m * self.rows, (cy, g_sums[i]))
-            self._note("experts", f"experts' {i}.{m}", ct_h, f"attend' {i + 1}.{m}")
+            self._note(call, "experts", f"experts' {i}.{m}", ct_h, f"attend' {i + 1}.{m}")
             g_exp[i] = g if g_exp[i] is None else prog.add(g_exp[i], g)
-            ct_h = self._to_attention(ct_h)
+            ct_h = self._to_attention(ct_h, call)
             g, ct_x[m], ct_y[m] = prog.attend_grads(
                 params.attention[i], x_in, y_in, (ct_x[m], ct_h)
             )
-            self._note("attention", f"attend' {i}.{m}", ct_x[m], f"experts' {i}.{m}")
+            self._note(call, "attention", f"attend' {i}.{m}", ct_x[m], f"experts' {i}.{m}")
             g_att[i] = g if g_att[i] is None else prog.add(g_att[i], g)
         for t, cx in zip(parts, ct_x, strict=True):
             g_outer = prog.add(g_outer, prog.embed_grads(params.outer, t, cx))
@@ -215,13 +242,13 @@ class Separated:
         metrics = {k: np.asarray(v) for k, v in metrics.items()}
         metrics["ce_loss"] = np.asarray(ce)
         metrics["loss"] = metrics["ce_loss"] + metrics["router_loss"]
-        return metrics, sp.SepParams(g_outer, tuple(g_att), tuple(g_exp))
+        return metrics, sp.SepParams(g_outer, tuple(g_att), tuple(g_exp)), dict(call.moved)
 
     def cross_entropy(self, params: sp.SepParams, inputs, targets) -> float:
         """The mean next-token cross-entropy (evaluation: no router losses, no dropout)."""
         prog, n_micro = self.programs, self.cfg.micro_batches
         xs = [prog.embed(params.outer, t, 0) for t in self._split_rows(inputs)]
-        xs, ys, _ = self._blocks(params, xs, None, 0, None)
+        xs, ys, _ = self._blocks(_Call(), params, xs, None, 0, None)
         goals = self._split_rows(targets)
         parts = [
             prog.loss(params.outer, x, y, g, 1.0 / n_micro)
@@ -254,7 +281,7 @@ class Separated:
         """tokens [B, S] at positions pos.. -> (last position's logits [B, V], the cache)."""
         pos = np.int32(pos)
         xs = [self.programs.embed(params.outer, t, pos) for t in self._split_rows(tokens)]
-        xs, ys, _ = self._blocks(params, xs, cache, pos, None)
+        xs, ys, _ = self._blocks(_Call(), params, xs, cache, pos, None)
         last = [self.programs.last_logits(params.outer, x, y) for x, y in zip(xs, ys, strict=True)]
         return np.concatenate([np.asarray(a) for a in last]), cache
 

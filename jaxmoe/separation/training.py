@@ -73,7 +73,7 @@ class SeparatedTrainer:
         self.schedule = recipe.schedule(tc)
         tx = recipe.adamw(tc)
         self._tx = tx
-        self._update = jax.jit(self._apply, donate_argnums=(0, 1))
+        self.update = jax.jit(self._apply, donate_argnums=(0, 1))  # one mesh's update
         self._norm_sq = jax.jit(lambda g: sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g)))
         abstract = self.run.abstract_params()
         opt = tuple(jax.eval_shape(tx.init, side) for side in _sides(abstract))
@@ -99,15 +99,15 @@ class SeparatedTrainer:
         if self.cfg.expert_dropout > 0:
             key = jax.random.fold_in(jax.random.key(self.tc.seed + 1), step)
         with Timeline() as timeline:
-            self.run.timeline = timeline
-            metrics, grads = self.run.loss_and_grads(params, batch[:, :-1], batch[:, 1:], key)
-        self.run.timeline = None
+            metrics, grads, _ = self.run.loss_and_grads(
+                params, batch[:, :-1], batch[:, 1:], key, timeline
+            )
         norm = math.sqrt(sum(float(self._norm_sq(side)) for side in _sides(grads)))
         finite = math.isfinite(norm) and math.isfinite(float(metrics["loss"]))
         if finite:  # else the state stays as it was and the step reports it
             scale = self.tc.grad_clip / max(norm, self.tc.grad_clip)
             sides = [
-                self._update(p, o, g, scale)
+                self.update(p, o, g, scale)
                 for p, o, g in zip(_sides(params), opt_state, _sides(grads), strict=True)
             ]
             finite = all(bool(ok) for _, _, ok in sides)

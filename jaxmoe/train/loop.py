@@ -21,15 +21,13 @@ from tqdm import tqdm
 
 from jaxmoe import data
 from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.layout import Layout
 from jaxmoe.paths import writable_dir
-from jaxmoe.separation import Separation
-from jaxmoe.separation.training import SeparatedTrainer
-from jaxmoe.sharding import Strategy
 from jaxmoe.train import checkpoints, fits
 from jaxmoe.train.batches import RowStreams, local_rows
 from jaxmoe.train.lock import WorkdirLock
 from jaxmoe.train.recipe import TrainConfig
-from jaxmoe.train.steps import FINITE, make_trainer, summarize
+from jaxmoe.train.steps import FINITE, summarize
 from jaxmoe.train.stop import GracefulStop
 
 log = logging.getLogger(__name__)
@@ -88,7 +86,7 @@ def split_files(opts: RunOptions) -> tuple[list[Path], list[Path]]:
 
 def train(
     cfg: ModelConfig,
-    strategy: Strategy | Separation,
+    strategy: Layout,
     tc: TrainConfig,
     opts: RunOptions,
     devices: list[jax.Device] | None = None,
@@ -140,10 +138,7 @@ class _Run:
 
     def go(self, cfg, strategy, tc, opts, devices, train_files, valid_files, tokenizer, lead):
         ckpt = self.ckpt
-        if isinstance(strategy, Separation):
-            trainer = SeparatedTrainer(cfg, strategy, devices, tc)
-        else:
-            trainer = make_trainer(cfg, strategy, devices, tc)
+        trainer = strategy.lay_out(cfg, devices).trainer(tc)
         fits.check_memory(trainer.abstract_state)
         fits.check_disk(opts.workdir, trainer.abstract_state)
         rows = local_rows(cfg.batch)

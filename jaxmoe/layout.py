@@ -1,0 +1,138 @@
+"""The layout interface: what every layout does, whatever kind it is.
+
+A `Layout` is a value (an SPMD rule table over one mesh, a pipeline schedule, attention and
+experts on two sub-meshes): it checks a config, names its meshes and textbook traffic, and lays a
+model out on devices. What it lays out is a `LaidOut`: it places parameters, runs the forward
+pass, builds the decoder and the trainer, and compiles each phase's programs to say what they
+cost. Library code and the CLI call these and never ask which kind of layout they hold.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import jax
+import numpy as np
+
+from jaxmoe.analysis.collectives import Inventory
+from jaxmoe.config import ModelConfig
+
+if TYPE_CHECKING:
+    from jaxmoe.analysis.hardware import Hardware
+    from jaxmoe.inference import Decoder
+    from jaxmoe.phases import Measure, PhaseCost
+    from jaxmoe.sharding import Strategy
+    from jaxmoe.train.recipe import TrainConfig
+
+Phase = Literal["forward", "train", "prefill", "decode"]
+PHASES: tuple[Phase, ...] = ("forward", "train", "prefill", "decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramCost:
+    """What the compiled program(s) of one phase do under a layout.
+
+    `inventory` holds every collective of one call; `per_layer` those of the layer loop per layer,
+    kind -> (count, bytes one device sends). For the training step, `per_layer` is the whole
+    step's divided by the layers (the gradient reductions may sit outside the loop).
+    `memory` is bytes per device by part; `details` a layout's own figures (per sub-mesh, the
+    transfers between them).
+    """
+
+    strategy: str
+    mesh: dict
+    phase: Phase
+    inventory: Inventory
+    per_layer: dict[str, tuple[float, float]]
+    textbook_bytes_per_layer: float
+    bubble_fraction: float  # share of a pipeline schedule's iterations a stage idles (0: none)
+    param_bytes_per_device: int
+    param_bytes_total: int
+    memory: dict[str, int]
+    details: dict | None = None
+
+
+class LaidOut(Protocol):
+    """A model config laid out by a layout on concrete devices."""
+
+    cfg: ModelConfig
+
+    def put(self, state: Any) -> Any:
+        """The model's parameters (made on one device) in this layout."""
+
+    def abstract_params(self) -> Any:
+        """The parameters as abstract arrays with this layout's shardings."""
+
+    def run_forward(self, params: Any, tokens: Any) -> tuple[np.ndarray, ProgramCost]:
+        """Logits [B, S, V] (float32, on the host) of `params` as `put` gives them, and what
+        the forward pass's programs do."""
+
+    def cost(self, phase: Phase) -> ProgramCost:
+        """What `phase`'s programs do, compiled on abstract inputs (nothing run)."""
+
+    def phase_cost(self, phase: Phase, hw: Hardware, measure: Measure | None) -> PhaseCost:
+        """Prefill or decode: the bound on `hw`, memory per device, measured times if asked."""
+
+    def decoder(self) -> Decoder:
+        """Greedy generation's two phases, for `inference.generate`."""
+
+    def trainer(self, tc: TrainConfig) -> Any:
+        """The `Trainer` interface: init, step, evaluate, abstract_state, batch_sharding."""
+
+    def explain(self, phase: Phase) -> dict:
+        """Per parameter its logical axes, spec and bytes per device; the collectives; memory."""
+
+
+class Layout(Protocol):
+    """Where a model runs: one or more meshes, their rules, and what traffic they should cost."""
+
+    name: str
+    description: str
+
+    @property
+    def n_devices(self) -> int:
+        """Devices the layout uses."""
+
+    @property
+    def mesh(self) -> dict:
+        """Mesh axis sizes (`{"tensor": 16}`), or per sub-mesh (`{"attention": {...}, ...}`)."""
+
+    @property
+    def strategies(self) -> Mapping[str, Strategy]:
+        """The rule table laid on each mesh, by the mesh's role."""
+
+    def check(self, cfg: ModelConfig, n_devices: int | None = None) -> None:
+        """One-line ConfigError for anything this layout cannot run on `n_devices`."""
+
+    def check_devices(self, n_devices: int) -> None:
+        """One-line ConfigError when the layout cannot run on `n_devices` devices in all."""
+
+    def variants(self, cfg: ModelConfig) -> list[tuple[ModelConfig, str]]:
+        """The configs this layout could run `cfg` as, preferred first, each with the layout's
+        name for it (a separation may take fewer micro-batches)."""
+
+    def textbook_bytes(self, cfg: ModelConfig) -> dict[str, float]:
+        """Bytes one device should send per layer in the forward pass, `{"dense": ..., "moe": ...}`
+        (the training step's volume is the laid-out model's: `LaidOut.cost("train")`)."""
+
+    def bubble_fraction(self, cfg: ModelConfig) -> float:
+        """Share of a pipeline schedule's iterations a stage idles (0 without one)."""
+
+    def lay_out(self, cfg: ModelConfig, devices: Sequence[jax.Device]) -> LaidOut:
+        """Check `cfg` (one-line ConfigError) and lay it out on `devices`."""
+
+
+def textbook_per_layer(cfg: ModelConfig, layout: Layout) -> float:
+    """Mean over layers of the layout's textbook bytes per device in the forward pass."""
+    volume = layout.textbook_bytes(cfg)
+    return (cfg.n_dense_layers * volume["dense"] + cfg.n_moe_layers * volume["moe"]) / cfg.n_layers
+
+
+def per_layer(inv: Inventory, n_layers: int, *, in_loop: bool | None = True) -> dict:
+    """Collectives (inside the layer loop, or all with `in_loop=None`) per layer:
+    kind -> (count, bytes per device)."""
+    return {
+        k: (t.count / n_layers, t.bytes / n_layers) for k, t in inv.by_kind(in_loop=in_loop).items()
+    }

@@ -1,0 +1,237 @@
+"""A strategy's model laid out as one SPMD program per phase: the `LaidOut` of a `Strategy`.
+
+Every phase is one program XLA partitions over the strategy's mesh: the forward pass, the
+training step (loss, gradients, AdamW), prefill and decode. Each is compiled here, on abstract
+inputs where nothing needs running, and read back: its collectives, memory per device, the
+parameters' shardings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmoe.analysis.collectives import inventory
+from jaxmoe.analysis.hardware import Hardware
+from jaxmoe.analysis.memory import memory_per_device
+from jaxmoe.analysis.roofline import program_bound
+from jaxmoe.config import ModelConfig
+from jaxmoe.explain import collectives_by_place, parameters
+from jaxmoe.inference import Decoder, cache_sharding, compile_phases, decoder
+from jaxmoe.layout import Phase, ProgramCost, per_layer, textbook_per_layer
+from jaxmoe.model import init_cache
+from jaxmoe.placement import (
+    compiled_param_shardings,
+    forward,
+    init_params,
+    param_bytes_per_device,
+    param_bytes_total,
+    place,
+)
+from jaxmoe.sharding import Strategy
+from jaxmoe.timer import Timing, time_calls
+from jaxmoe.train.recipe import TrainConfig
+from jaxmoe.train.steps import Trainer, make_trainer
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of these abstract arrays, from their shardings."""
+    return sum(
+        math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree)
+    )
+
+
+def gradient_sync_bytes(abstract_params) -> float:
+    """Bytes one device sends to sum the gradients of these parameters over the devices that
+    hold the same block of each (a ring all-reduce: 2 (r - 1) / r of its block, r copies)."""
+    sent = 0.0
+    for a in jax.tree.leaves(abstract_params):
+        copies = (
+            a.sharding.mesh.size * math.prod(a.sharding.shard_shape(a.shape)) / math.prod(a.shape)
+        )
+        block = math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+        sent += 2 * (copies - 1) / copies * block
+    return sent
+
+
+class SpmdRun:
+    """`cfg` laid out by `strategy` on the first `strategy.n_devices` of `devices`."""
+
+    def __init__(self, cfg: ModelConfig, strategy: Strategy, devices: Sequence[jax.Device]):
+        self.cfg, self.strategy = cfg, strategy
+        self.devices = list(devices)
+        self.placement = place(cfg, strategy, self.devices[: strategy.n_devices])
+
+    # ---- parameters --------------------------------------------------------------------------
+    def put(self, state):
+        return self.placement.put(state)
+
+    def abstract_params(self):
+        return self.placement.abstract_params()
+
+    # ---- programs ------------------------------------------------------------------------------
+    def compile_forward(self) -> jax.stages.Compiled:
+        """The forward pass compiled for the mesh from abstract inputs."""
+        p = self.placement
+        fn = p.jit(forward(p.graphdef), in_shardings=(p.shardings, p.token_sharding))
+        return fn.lower(p.abstract_params(), p.abstract_tokens()).compile()
+
+    def compile_train_step(self, tc: TrainConfig | None = None) -> tuple[Trainer, object]:
+        trainer = self.trainer(tc or TrainConfig())
+        batch = jax.ShapeDtypeStruct(
+            (self.cfg.batch, self.cfg.seq_len + 1), jnp.int32, sharding=trainer.batch_sharding
+        )
+        return trainer, trainer.step.lower(*trainer.abstract_state, batch, 0).compile()
+
+    def decoder(self) -> Decoder:
+        return decoder(self.cfg, self.placement.graphdef, self.placement)
+
+    def trainer(self, tc: TrainConfig) -> Trainer:
+        return make_trainer(self.cfg, self.strategy, self.devices[: self.strategy.n_devices], tc)
+
+    # ---- what the programs do ------------------------------------------------------------------
+    def run_forward(self, params, tokens) -> tuple[np.ndarray, ProgramCost]:
+        compiled = self.compile_forward()
+        logits = compiled(params, jax.device_put(tokens, self.placement.token_sharding))
+        return np.asarray(logits).astype(np.float32), self._cost("forward", compiled)
+
+    def cost(self, phase: Phase) -> ProgramCost:
+        if phase == "forward":
+            return self._cost(phase, self.compile_forward())
+        if phase == "train":
+            trainer, step = self.compile_train_step()
+            return self._cost(phase, step, trainer)
+        return self._cost(phase, self._phase_program(phase, allocate=False)[0])
+
+    def _cost(self, phase: Phase, compiled, trainer: Trainer | None = None) -> ProgramCost:
+        cfg, s = self.cfg, self.strategy
+        inv = inventory(compiled.as_text(), s.axis_sizes)
+        abstract = self.placement.abstract
+        textbook = textbook_per_layer(cfg, s)
+        memory = memory_per_device(compiled)
+        if trainer is not None:
+            textbook = 2 * textbook + gradient_sync_bytes(self.abstract_params()) / cfg.n_layers
+            memory = self._train_memory(trainer, memory)
+        return ProgramCost(
+            strategy=s.name,
+            mesh=s.axis_sizes,
+            phase=phase,
+            inventory=inv,
+            per_layer=per_layer(inv, cfg.n_layers, in_loop=None if trainer else True),
+            textbook_bytes_per_layer=textbook,
+            bubble_fraction=s.bubble_fraction(cfg),
+            param_bytes_per_device=param_bytes_per_device(compiled, abstract),
+            param_bytes_total=param_bytes_total(abstract),
+            memory=memory,
+        )
+
+    def _train_memory(self, trainer: Trainer, xla: dict[str, int]) -> dict[str, int]:
+        """The training step's bytes per device: parameters and optimizer state as the step
+        takes them, gradients (one per parameter, laid out like it), and the rest of the step's
+        temporaries (activations kept for the backward pass, and workspace)."""
+        params, opt_state = trainer.abstract_state
+        held = shard_bytes(params)
+        return {
+            "parameters": held,
+            "gradients": held,
+            "optimizer_state": shard_bytes(opt_state),
+            "activations": max(0, xla["temporaries"] - held),
+            "total": xla["total"],
+        }
+
+    def explain(self, phase: Phase = "forward") -> dict:
+        """Per parameter (as `phase`'s compiled program takes it), its collectives, and memory
+        per device: for `forward` the parameters, Adam's state, the training step's activations
+        and the KV cache; for `train` the training step's parts; for prefill and decode their
+        program's, with the KV cache."""
+        trainer, step = self.compile_train_step() if phase in ("forward", "train") else (None, None)
+        compiled = {
+            "forward": self.compile_forward,
+            "train": lambda: step,
+        }.get(phase, lambda: self._phase_program(phase, allocate=False)[0])()
+        abstract = self.placement.abstract
+        shardings = compiled_param_shardings(compiled, abstract)
+        params = parameters(abstract, shardings)
+        train = memory_per_device(step) if step is not None else None
+        if phase == "train":
+            memory = self._train_memory(trainer, train)
+        elif phase == "forward":
+            memory = {
+                "parameters": sum(p["bytes_per_device"] for p in params),
+                "optimizer_state": shard_bytes(trainer.abstract_state[1]),
+                "activations": train["temporaries"],
+                "kv_cache": self.cache_bytes(),
+            }
+        else:
+            xla = memory_per_device(compiled)
+            memory = {
+                "parameters": sum(p["bytes_per_device"] for p in params),
+                "kv_cache": self.cache_bytes(),
+                "temporaries": xla["temporaries"],
+                "total": xla["total"],
+            }
+        inv = inventory(compiled.as_text(), self.strategy.axis_sizes)
+        return {
+            "strategy": self.strategy.name,
+            "phase": phase,
+            "mesh": self.strategy.axis_sizes,
+            "parameters": params,
+            "collectives": collectives_by_place(inv, self.cfg.n_layers),
+            "memory_per_device": memory,
+        }
+
+    # ---- inference -----------------------------------------------------------------------------
+    def _phase_program(self, phase: Phase, *, allocate: bool):
+        dec = self.decoder()
+        params = self.put(init_params(self.cfg, 0)[1]) if allocate else self.abstract_params()
+        return compile_phases(dec, params, self.cfg.seq_len)[phase], dec, params
+
+    def phase_cost(self, phase: Phase, hw: Hardware, measure=None):
+        from jaxmoe.phases import PhaseCost  # phases calls this class through the interface
+
+        compiled, dec, params = self._phase_program(phase, allocate=measure is not None)
+        cfg = self.cfg
+        return PhaseCost(
+            phase=phase,
+            batch=cfg.batch,
+            tokens=cfg.batch * (cfg.seq_len if phase == "prefill" else 1),
+            bound=program_bound(compiled, self.strategy.axis_sizes, hw, cfg.dtype),
+            memory=memory_per_device(compiled),
+            measured=None if measure is None else _time(phase, compiled, dec, params, measure),
+        )
+
+    def cache_bytes(self) -> int:
+        """KV cache bytes per device for `batch` sequences of `seq_len`."""
+        cache = jax.eval_shape(lambda: init_cache(self.cfg, self.cfg.batch))
+        kv = cache_sharding(self.placement)
+        return sum(
+            math.prod(kv.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(cache)
+        )
+
+
+def _time(phase: Phase, compiled, dec: Decoder, params, measure) -> Timing:
+    cfg = dec.cfg
+    tokens = jax.random.randint(
+        jax.random.key(measure.seed), (cfg.batch, cfg.seq_len), 0, cfg.vocab_size, jnp.int32
+    )
+    if phase == "prefill":
+        prompt = dec.put_tokens(tokens)
+        return time_calls(
+            lambda cache: compiled(params, prompt, cache),
+            warmup=measure.warmup,
+            iters=measure.iters,
+            setup=lambda: (dec.new_cache(),),
+        )
+    token = dec.put_tokens(tokens[:, -1:])
+    position = jnp.asarray(cfg.seq_len - 1, jnp.int32)  # every step attends over the whole cache
+    state = {"cache": dec.new_cache()}
+
+    def step():
+        logits, state["cache"] = compiled(params, token, state["cache"], position)
+        return logits
+
+    return time_calls(step, warmup=measure.warmup, iters=measure.iters)
