@@ -31,8 +31,8 @@ import jax
 import numpy as np
 
 from experiments.configs import config as named
-from experiments.report import table
 from jaxmoe.config import ConfigError, with_overrides
+from jaxmoe.report import table
 
 
 def _splits(text: str):
@@ -107,9 +107,9 @@ def fit(rows: list[dict], total_tokens: int, options) -> dict:
 
 
 def bounded(paper: str, splits, options) -> list[dict]:
-    from experiments.experiment_cmd import PREFILL_BATCH
     from experiments.papers.registry import get
     from jaxmoe.analysis import hardware
+    from jaxmoe.experiment import PREFILL_BATCH
     from jaxmoe.phases import phase_costs
 
     exp = get(paper)

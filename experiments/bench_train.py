@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.report import human_bytes, table
+from jaxmoe.report import human_bytes, table
 
 # a layout that cannot split the config as it is runs an equivalent shape (same parameters and
 # FLOPs), said in the table: tp16 cannot split bench_moe's 8 heads 16 ways

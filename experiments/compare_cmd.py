@@ -1,12 +1,12 @@
 """`compare`: one model laid out under several strategies, against one device."""
 
 import argparse
+import json
 
 import jax
 
-from experiments import report
+import jaxmoe
 from experiments.configs import config, seed, strategies
-from jaxmoe.compare import check_finite, compare_strategies
 from jaxmoe.config import ConfigError, with_overrides
 from jaxmoe.memory_check import check_fits, host_memory_bytes
 from jaxmoe.paths import writable_file
@@ -43,9 +43,9 @@ def run(args: argparse.Namespace) -> None:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", args.devices)
 
-    reports = compare_strategies(cfg, layouts, jax.devices(), seed=args.seed, phase=args.phase)
-    print(report.compare_table(cfg, reports))
+    result = jaxmoe.compare(cfg, layouts, phase=args.phase, devices=jax.devices(), seed=args.seed)
+    print(result.table())
     if args.json:
-        report.write_compare_json(args.json, cfg, reports)
+        args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")
         print(f"\nwrote {args.json}")
-    check_finite(cfg, reports)  # after the table and the JSON: they show which layouts
+    result.check_finite()  # after the table and the JSON: they show which layouts

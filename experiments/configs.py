@@ -3,20 +3,14 @@ the one that runs on a CPU; `experiment NAME --scale full` compiles the full one
 checks of the flags several commands share."""
 
 import meshes
-from jaxmoe.config import MAX_INT, PRESETS, ConfigError, ModelConfig, preset
+from jaxmoe import catalogue
+from jaxmoe.config import MAX_INT, ConfigError, ModelConfig
 
 DEVICES = 16  # the papers' machines; virtual CPU devices here (compare and train take --devices)
 
 
 def config(name: str) -> ModelConfig:
-    from experiments.papers.registry import EXPERIMENTS  # the paper modules build configs
-
-    if name in EXPERIMENTS:
-        return EXPERIMENTS[name].tiny
-    if name in PRESETS:
-        return preset(name)
-    choices = ", ".join([*sorted(PRESETS), *EXPERIMENTS])
-    raise ConfigError(f"unknown config {name!r}; choose one of {choices}")
+    return catalogue.config(name)
 
 
 def seed(value: int, flag: str) -> int:

@@ -16,8 +16,8 @@ import json
 import jax
 
 import meshes
-from experiments import report
 from experiments.configs import config, timing
+from jaxmoe import report
 from jaxmoe.analysis import hardware
 from jaxmoe.config import with_overrides
 from jaxmoe.memory_check import check_fits, device_memory_bytes

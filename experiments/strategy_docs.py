@@ -32,18 +32,14 @@ def _mesh(strategy) -> str:
 
 
 def page() -> str:
+    import jaxmoe
     import meshes
     from experiments import plan_cmd
-    from experiments.report import SHORT, human_bytes
-    from jaxmoe.analysis import hardware
-    from jaxmoe.compare import compare_strategies
-    from jaxmoe.config import preset
+    from jaxmoe.report import SHORT, human_bytes
 
-    cfg = preset("tiny_moe")
-    layouts = list(meshes.LAYOUTS.values())
-    reports = {r.strategy: r for r in compare_strategies(cfg, layouts, jax.devices())}
+    reports = {r.strategy: r for r in jaxmoe.compare("tiny_moe", devices=jax.devices()).reports}
     model = plan_cmd.plan_config(PLAN[0], [], None, None)
-    planned = plan_cmd.plan(model, hardware.get(PLAN[1]), list(meshes.LAYOUTS))["rows"]
+    planned = jaxmoe.plan(model, PLAN[1], list(meshes.LAYOUTS), devices=jax.devices()).rows
     parts = [
         "# Strategies\n\nOne section per layout: its mesh, the rules that map the model's logical "
         "axes (`jaxmoe/axes.py`) onto mesh axes, why its collectives are what they are (the "

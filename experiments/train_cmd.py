@@ -2,23 +2,22 @@
 of several processes (`--coordinator`, `--num-processes`, `--process-id`; or the cluster's
 environment where JAX detects it).
 
-On a tiny configuration (`tiny*`, `paperNNN`) the schedule scales to `--steps` (warmup 10%,
-cosine to the end) unless warmup_steps / decay_steps are set; expert dropout is the recipe's 0.1
-unless set.
+The recipe is the library's (`jaxmoe.train.recipe.recipe`): on a tiny configuration (`tiny*`,
+`paperNNN`) the schedule scales to `--steps` (warmup 10%, cosine to the end) unless warmup_steps /
+decay_steps are set; expert dropout is the recipe's 0.1 unless set.
 """
 
 import argparse
 
 import jax
 
+import jaxmoe
 import meshes
 from experiments.configs import config
 from jaxmoe import runtime
 from jaxmoe.config import with_overrides
-from jaxmoe.train.loop import RunOptions, train
+from jaxmoe.train.loop import RunOptions
 from jaxmoe.train.recipe import TrainConfig
-
-RECIPE_DROPOUT = 0.1
 
 
 def run(args: argparse.Namespace) -> None:
@@ -32,21 +31,16 @@ def run(args: argparse.Namespace) -> None:
         save_every=args.save_every,
         progress=not args.no_progress,
     )
-    base = config(args.config)
-    cfg, tc = with_overrides(base, TrainConfig(), assignments=args.set)
+    cfg, tc = with_overrides(config(args.config), TrainConfig(), assignments=args.set)
     named = {item.partition("=")[0].strip() for item in args.set}
-    if "expert_dropout" not in named:
-        cfg = cfg.replace(expert_dropout=RECIPE_DROPOUT)
-    if "tiny" in base.name and not named & {"warmup_steps", "decay_steps"}:
-        tc = tc.scaled_to(args.steps)
     strategy = meshes.get(args.strategy)
     _start_runtime(args)
-    last = train(cfg, strategy, tc, opts)
+    last = jaxmoe.train(cfg, strategy, opts, tc, explicit=named)
     if jax.process_index() == 0:
         print(
-            f"final: step {last['step']}, train loss {last['loss']:.4f}, "
-            f"validation loss {last['val_loss']:.4f}, perplexity {last['val_ppl']:.1f} "
-            f"({strategy.name}, {cfg.name}; metrics in {args.workdir / 'metrics.jsonl'})"
+            f"final: step {last.step}, train loss {last.loss:.4f}, "
+            f"validation loss {last.val_loss:.4f}, perplexity {last.metrics['val_ppl']:.1f} "
+            f"({strategy.name}, {cfg.name}; metrics in {last.metrics_file})"
         )
 
 

@@ -23,6 +23,8 @@ SEPARATIONS: dict[str, Separation] = {ma_separation.NAME: ma_separation.separati
 LAYOUTS: dict[str, Layout] = REGISTRY | SEPARATIONS
 
 ONE_DEVICE = single.STRATEGY  # the reference, outside the registry
+# what `plan` ranks by default: every layout, and ma_separation's other device splits
+CANDIDATES = (*REGISTRY, *SEPARATIONS, "ma_separation:8+8", "ma_separation:14+2")
 
 
 def get(name: str, transfer_bits: int = 0) -> Layout:
@@ -40,4 +42,4 @@ def get(name: str, transfer_bits: int = 0) -> Layout:
     return REGISTRY[name]
 
 
-__all__ = ["LAYOUTS", "ONE_DEVICE", "REGISTRY", "SEPARATIONS", "MeshAxis", "get"]
+__all__ = ["CANDIDATES", "LAYOUTS", "ONE_DEVICE", "REGISTRY", "SEPARATIONS", "MeshAxis", "get"]

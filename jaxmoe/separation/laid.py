@@ -85,7 +85,7 @@ class SeparatedRun:
             for mesh, inv in inventories.items()
         }
         per_layer = {}
-        for kind in sorted(set(by_mesh["attention"]) | set(by_mesh["experts"])):
+        for kind in dict.fromkeys([*by_mesh["attention"], *by_mesh["experts"]]):
             count_a, bytes_a = by_mesh["attention"].get(kind, (0.0, 0.0))
             count_x, bytes_x = by_mesh["experts"].get(kind, (0.0, 0.0))
             if count_a + count_x:

@@ -6,11 +6,12 @@ and embedding, not to the RMSNorm scales.
 """
 
 import dataclasses
+from collections.abc import Collection
 
 import jax
 import optax
 
-from jaxmoe.config import MAX_INT, check_finite, fail
+from jaxmoe.config import MAX_INT, ModelConfig, check_finite, fail
 from jaxmoe.placement import path_name
 
 
@@ -65,6 +66,28 @@ class TrainConfig:
     def scaled_to(self, steps: int) -> "TrainConfig":
         """The recipe shrunk to a short run: warmup 10% of it, cosine to its end."""
         return dataclasses.replace(self, warmup_steps=steps // 10, decay_steps=max(steps, 1))
+
+
+RECIPE_DROPOUT = 0.1  # expert dropout (strategies.md, strategy D)
+
+
+def recipe(
+    cfg: ModelConfig,
+    steps: int,
+    tc: TrainConfig | None = None,
+    *,
+    explicit: Collection[str] = (),
+) -> tuple[ModelConfig, TrainConfig]:
+    """The papers' recipe for `cfg` trained for `steps` steps: expert dropout 0.1 and, on a tiny
+    configuration (`tiny` in its name), the schedule shrunk to the run (`scaled_to`). Fields
+    named in `explicit` (the user's own, e.g. the CLI's --set) are left as they are. Every
+    entry point trains with this, so a notebook runs the recipe the command line runs."""
+    tc = TrainConfig() if tc is None else tc
+    if "expert_dropout" not in explicit:
+        cfg = cfg.replace(expert_dropout=RECIPE_DROPOUT)
+    if "tiny" in cfg.name and not {"warmup_steps", "decay_steps"} & set(explicit):
+        tc = tc.scaled_to(steps)
+    return cfg, tc
 
 
 def schedule(tc: TrainConfig) -> optax.Schedule:

@@ -1,9 +1,7 @@
-"""Tables and JSON for the command line."""
+"""Results as text: the tables the command line prints and notebooks show (strings, never
+printed here)."""
 
-import dataclasses
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 from jaxmoe.compare import LayoutReport
 from jaxmoe.config import ModelConfig
@@ -145,15 +143,6 @@ def _compiled_table(cfg: ModelConfig, reports: Sequence[LayoutReport], phase: st
     return f"{title}\n\n{table(headers, rows)}"
 
 
-def write_compare_json(path: Path, cfg: ModelConfig, reports: Sequence[LayoutReport]) -> None:
-    doc = {
-        "config": dataclasses.asdict(cfg),
-        "strategies": {r.strategy: r.to_json(cfg) for r in reports},
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-
-
 def _rate(figures: dict | None, phase: str) -> str:
     """A phase's headline figure: prefill tokens/s, decode ms per output token."""
     if not figures:
@@ -269,3 +258,88 @@ def device_table(cfg: ModelConfig, device, hw, rows: Sequence[dict]) -> str:
         "(weights, cache, new outputs) per second over the peak"
     )
     return f"{title}\n\n{table(headers, body)}\n\n{legend}"
+
+
+PHASE_TITLES = {
+    "forward": "the forward pass",
+    "train": "the training step (forward, backward, optimizer; per layer: the step's / layers)",
+    "prefill": "prefill",
+    "decode": "one decode step",
+}
+
+
+def _spec(spec: list) -> str:
+    parts = ["x".join(p) if isinstance(p, list) else (p or "-") for p in spec]
+    return "(" + ", ".join(parts) + ")"
+
+
+def explain_text(doc: dict) -> str:
+    mesh = doc["mesh"]
+    if all(isinstance(v, dict) for v in mesh.values()):
+        mesh_text = " + ".join(
+            f"{name}: " + "x".join(f"{a}={n}" for a, n in sub.items()) for name, sub in mesh.items()
+        )
+    else:
+        mesh_text = "x".join(f"{a}={n}" for a, n in mesh.items())
+    params = table(
+        ("parameter", "shape", "logical axes", "partition spec", "bytes/device"),
+        [
+            (
+                p["path"] + (f" [{p['mesh']}]" if "mesh" in p else ""),
+                "x".join(map(str, p["shape"])),
+                _spec(p["logical_axes"]),
+                _spec(p["spec"]),
+                human_bytes(p["bytes_per_device"]),
+            )
+            for p in doc["parameters"]
+        ],
+    )
+    collectives = table(
+        ("collective", "mesh axes", "where", "count", "sent/device"),
+        [
+            (
+                f"{c['kind']} ({SHORT[c['kind']]})" + (f" [{c['mesh']}]" if "mesh" in c else ""),
+                c["axes"],
+                c["where"],
+                f"{c['count']:g}",
+                human_bytes(c["bytes_per_device"]),
+            )
+            for c in doc["collectives"]
+        ]
+        or [("none", "-", "-", "0", "0 B")],
+    )
+    memory = table(
+        ("memory per device", "bytes"),
+        [(k.replace("_", " "), human_bytes(v)) for k, v in doc["memory_per_device"].items()],
+    )
+    return (
+        f"{doc['strategy']} on {mesh_text}\n\n{params}\n\n"
+        f"collectives of {PHASE_TITLES[doc['phase']]}\n\n{collectives}\n\n{memory}"
+    )
+
+
+def plan_table(cfg: ModelConfig, hw, result: dict, prefill_batch: int) -> str:
+    parts = [
+        f"plan for {cfg.name}: {cfg.n_layers} layers, D {cfg.d_model}, B {cfg.batch} x S "
+        f"{cfg.seq_len}, {cfg.dtype}, on {hw.description} (bounds: nothing run)"
+    ]
+    for phase in ("prefill", "decode"):
+        rows = sorted((r for r in result["rows"] if r["phase"] == phase), key=lambda r: r["rank"])
+        headers = ("rank", "strategy", "bound", "memory/device", "fits", "why")
+        body = [
+            (
+                str(r["rank"]),
+                r["strategy"],
+                f"{r['tps']:,.0f} tok/s" if phase == "prefill" else f"{r['tpot_ms']:.3g} ms",
+                human_bytes(r["memory_bytes_per_device"]),
+                "yes" if r["fits"] else "NO",
+                r["reason"],
+            )
+            for r in rows
+        ]
+        batch = min(cfg.batch, prefill_batch) if phase == "prefill" else cfg.batch
+        unit = "tokens/s" if phase == "prefill" else "ms per output token"
+        parts.append(f"{phase} (B {batch}, {unit}):\n\n{table(headers, body)}")
+    for name, reason in result["cannot_split"].items():
+        parts.append(f"{name}: cannot run this model: {reason}")
+    return "\n\n".join(parts)

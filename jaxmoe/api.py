@@ -1,0 +1,302 @@
+"""The public API: what a notebook (or another program) calls; `jaxmoe/__init__.py` re-exports it.
+
+Every function takes a config (a `ModelConfig`, or a name: a preset or a paper's tiny model) and
+layouts by name or as values, runs on `devices` (default: every device JAX gives this process;
+`jaxmoe.platform` chooses them) and returns a frozen dataclass with `to_json()` and, where there
+is one, the table the command line prints (`table()`, `text()`). Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
+import jax
+
+from jaxmoe import catalogue, report
+from jaxmoe.analysis import hardware as profiles
+from jaxmoe.analysis.hardware import Hardware
+from jaxmoe.compare import LayoutReport, check_finite, compare_strategies
+from jaxmoe.config import ModelConfig
+from jaxmoe.experiment import PREFILL_BATCH, Experiment, experiment_rows
+from jaxmoe.explain import explain as _explain
+from jaxmoe.layout import Layout, Phase
+from jaxmoe.phases import Measure, PhaseCost, phase_costs
+from jaxmoe.plan import plan as _plan
+from jaxmoe.train.loop import RunOptions
+from jaxmoe.train.loop import train as _train
+from jaxmoe.train.recipe import TrainConfig, recipe
+
+Config = ModelConfig | str
+Layouts = Sequence[Layout | str] | None
+
+
+def config(name: Config, scale: str = "tiny") -> ModelConfig:
+    """A config by name: a preset (`tiny_moe`, ...) or a paper's model (`paper000`) at `scale`
+    (`tiny`, or `full`: the paper's own)."""
+    return name if isinstance(name, ModelConfig) else catalogue.config(name, scale)
+
+
+def layout(name: Layout | str, transfer_bits: int = 0) -> Layout:
+    """A layout by name (`ep16`, `tp8_pp2`, `ma_separation:8+8`, ...), or the one given."""
+    return catalogue.layout(name, transfer_bits) if isinstance(name, str) else name
+
+
+def layouts() -> dict[str, Layout]:
+    """Every registered layout by name."""
+    return catalogue.layouts()
+
+
+def hardware(name: Hardware | str) -> Hardware:
+    """A hardware profile by name (`h100x16`, ...; see jaxmoe/assets/hardware.toml)."""
+    return profiles.get(name) if isinstance(name, str) else name
+
+
+def _layouts(names: Layouts, transfer_bits: int = 0) -> list[Layout]:
+    chosen = catalogue.layouts().values() if names is None else names
+    return [layout(n, transfer_bits) for n in chosen]
+
+
+def _devices(devices: Sequence[jax.Device] | None) -> list[jax.Device]:
+    return list(jax.devices() if devices is None else devices)
+
+
+# ---- compare ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """Each layout's programs for one phase; for the forward pass, against one device."""
+
+    config: ModelConfig
+    phase: Phase
+    reports: tuple[LayoutReport, ...]
+
+    def to_json(self) -> dict:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "phase": self.phase,
+            "strategies": {r.strategy: r.to_json(self.config) for r in self.reports},
+        }
+
+    def table(self) -> str:
+        return report.compare_table(self.config, self.reports)
+
+    def check_finite(self) -> None:
+        """One-line ConfigError naming who gave NaN or infinite logits, if anyone did."""
+        check_finite(self.config, self.reports)
+
+
+def compare(
+    cfg: Config = "tiny_moe",
+    layouts: Layouts = None,
+    *,
+    phase: Phase = "forward",
+    devices: Sequence[jax.Device] | None = None,
+    seed: int = 0,
+    transfer_bits: int = 0,
+) -> Comparison:
+    """Lay `cfg` out under each layout (default: every registered one). The forward pass runs
+    on the same parameters and tokens as one device and is held against it; other phases are
+    compiled on abstract inputs. Collectives per layer, bytes against the textbook, memory."""
+    model = config(cfg)
+    chosen = _layouts(layouts, transfer_bits)
+    reports = compare_strategies(model, chosen, _devices(devices), seed=seed, phase=phase)
+    return Comparison(model, phase, tuple(reports))
+
+
+# ---- explain ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """What a layout does to a model in one phase: per parameter, per layer, per device."""
+
+    strategy: str
+    phase: Phase
+    mesh: dict
+    parameters: tuple[dict, ...]  # path, shape, logical axes, partition spec, bytes per device
+    collectives: tuple[dict, ...]  # kind, mesh axes, where, count, bytes sent per device
+    memory_per_device: dict[str, int]
+
+    def to_json(self) -> dict:
+        return {
+            "strategy": self.strategy,
+            "phase": self.phase,
+            "mesh": self.mesh,
+            "parameters": list(self.parameters),
+            "collectives": list(self.collectives),
+            "memory_per_device": self.memory_per_device,
+        }
+
+    def text(self) -> str:
+        return report.explain_text(self.to_json())
+
+
+def explain(
+    cfg: Config,
+    layout_: Layout | str,
+    *,
+    phase: Phase = "forward",
+    devices: Sequence[jax.Device] | None = None,
+) -> Explanation:
+    """Per parameter its logical axes, the spec the compiled program gives it and its bytes per
+    device; the collectives with their mesh axes; memory per device (see `jaxmoe.explain`)."""
+    doc = _explain(config(cfg), layout(layout_), _devices(devices), phase)
+    return Explanation(
+        doc["strategy"],
+        doc["phase"],
+        doc["mesh"],
+        tuple(doc["parameters"]),
+        tuple(doc["collectives"]),
+        doc["memory_per_device"],
+    )
+
+
+# ---- the bound, plan --------------------------------------------------------------------------
+def bound(
+    cfg: Config,
+    layout_: Layout | str,
+    hw: Hardware | str = "h100x16",
+    *,
+    prefill_batch: int = PREFILL_BATCH,
+    measure: Measure | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> tuple[PhaseCost, ...]:
+    """Prefill and decode under a layout: each one's roofline bound on `hw` from its compiled
+    program, memory per device and (with `measure`) its time on `devices`. A paper's name is its
+    full-size model, or its tiny one when measured."""
+    model = config(cfg, "tiny" if measure else "full")
+    batch = min(model.batch, prefill_batch)
+    costs = phase_costs(
+        model,
+        layout(layout_),
+        _devices(devices),
+        hardware(hw),
+        prefill_batch=batch,
+        measure=measure,
+    )
+    return tuple(costs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Every candidate's bound per phase and the rankings (best first)."""
+
+    config: ModelConfig
+    hardware: Hardware
+    rows: tuple[dict, ...]
+    ranking: dict[str, list[str]]
+    cannot_split: dict[str, str]
+
+    def to_json(self) -> dict:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "hardware": self.hardware.name,
+            "rows": list(self.rows),
+            "ranking": self.ranking,
+            "cannot_split": self.cannot_split,
+        }
+
+    def table(self) -> str:
+        result = {"rows": self.rows, "cannot_split": self.cannot_split}
+        return report.plan_table(self.config, self.hardware, result, PREFILL_BATCH)
+
+
+def plan(
+    cfg: Config,
+    hw: Hardware | str = "h100x16",
+    candidates: Sequence[str] | None = None,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+) -> Plan:
+    """Rank the candidates (default: every layout and ma_separation's splits) by their bound
+    on `hw`, compiled for `cfg` (a paper's name: its full-size model) on abstract inputs
+    (nothing allocated, nothing run)."""
+    model, profile = config(cfg, "full"), hardware(hw)
+    names = catalogue.candidates() if candidates is None else list(candidates)
+    found = _plan(model, profile, names, _devices(devices))
+    return Plan(model, profile, tuple(found["rows"]), found["ranking"], found["cannot_split"])
+
+
+# ---- a paper's experiment ---------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ExperimentResult:
+    experiment: Experiment
+    scale: str
+    hardware: Hardware
+    rows: tuple[dict, ...]  # per strategy and phase: measured, bound, claimed, memory
+
+    def to_json(self) -> dict:
+        exp = self.experiment
+        return {
+            "experiment": exp.name,
+            "scale": self.scale,
+            "hardware": self.hardware.name,
+            "config": dataclasses.asdict(exp.config(self.scale)),
+            "notes": list(exp.notes),
+            "rows": list(self.rows),
+        }
+
+    def table(self) -> str:
+        return report.experiment_table(self.experiment, self.scale, self.hardware, self.rows)
+
+
+def experiments() -> dict[str, Experiment]:
+    """The papers' experiments by name."""
+    return catalogue.experiments()
+
+
+def experiment(
+    name: Experiment | str,
+    scale: str = "tiny",
+    hw: Hardware | str | None = None,
+    *,
+    measure: Measure | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> ExperimentResult:
+    """A paper's setup: each strategy it compares, per phase, with the bound on `hw` (default:
+    the paper's hardware) beside the paper's claim; at the tiny scale pass `measure` to time it
+    on `devices` and check its greedy tokens against one device's."""
+    exp = catalogue.experiment(name) if isinstance(name, str) else name
+    profile = hardware(hw or exp.hardware)
+    rows = experiment_rows(exp, scale, profile, measure, _devices(devices))
+    return ExperimentResult(exp, scale, profile, tuple(rows))
+
+
+# ---- training ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    step: int
+    loss: float  # the last step's training loss
+    val_loss: float  # held-out cross-entropy at the last evaluation
+    metrics: dict[str, float]  # the last step's metrics
+    metrics_file: Path  # one JSON line per step
+
+    def to_json(self) -> dict:
+        return {
+            "step": self.step,
+            "loss": self.loss,
+            "val_loss": self.val_loss,
+            "metrics": self.metrics,
+            "metrics_file": str(self.metrics_file),
+        }
+
+
+def train(
+    cfg: Config,
+    layout_: Layout | str,
+    options: RunOptions,
+    tc: TrainConfig | None = None,
+    *,
+    explicit: Collection[str] = (),
+    devices: Sequence[jax.Device] | None = None,
+) -> TrainResult:
+    """Train with the papers' recipe (`jaxmoe.train.recipe.recipe`: fields in `explicit` are the
+    caller's own) on C4, resuming from `options.workdir`; see `jaxmoe.train.loop.train`."""
+    model, tc = recipe(config(cfg), options.steps, tc, explicit=explicit)
+    last = _train(model, layout(layout_), tc, options, devices)
+    return TrainResult(
+        last["step"],
+        last["loss"],
+        last["val_loss"],
+        last,
+        options.workdir / "metrics.jsonl",
+    )
