@@ -2,9 +2,10 @@
 
     python -m experiments.bench_separation [--config bench_moe] [--splits 12+4,8+8,14+2]
         [--micro-batches 1,2,4] [--iters 5] [--paper paper001] [--json PATH]
+        [--platform P] [--devices N]
 
-Measured on this machine's 16 virtual CPU devices, for every device split and micro-batch count
-that fits the config:
+Measured on this machine's devices (16 virtual CPU devices where there is no GPU), for every
+device split and micro-batch count that fits the config:
 - each side's piece alone (one micro-batch's attention, one's experts; at the config's sequence
   length and at half of it): the samples the paper's 3-layer MLP predictor is fitted on; its
   error on samples held out of the fit (every third one);
@@ -25,12 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from experiments.configs import config as named
+from experiments.configs import platform_flags
+from jaxmoe import platform
 from jaxmoe.config import ConfigError, with_overrides
 from jaxmoe.report import table
 
@@ -41,7 +45,7 @@ def _splits(text: str):
     return [ma_separation.parse(f"{ma_separation.NAME}:{s.strip()}") for s in text.split(",")]
 
 
-def measured(cfg, splits, options, iters: int) -> list[dict]:
+def measured(cfg, splits, options, iters: int, devices: Sequence[jax.Device]) -> list[dict]:
     from jaxmoe.compare import random_tokens
     from jaxmoe.placement import init_params
     from jaxmoe.separation import Separated
@@ -56,14 +60,14 @@ def measured(cfg, splits, options, iters: int) -> list[dict]:
         for m in options:
             sized = cfg.replace(micro_batches=m)
             try:
-                run = Separated(sized, sep, jax.devices())
+                run = Separated(sized, sep, devices)
             except ConfigError as err:
                 print(f"skip {sep.name} x {m}: {err}", file=sys.stderr)
                 continue
             params = run.put(state)
             sample = measure_pieces(run, params, iters=iters)
             # more samples for the predictor: the same pieces on sequences half as long
-            shorter = Separated(half.replace(micro_batches=m), sep, jax.devices())
+            shorter = Separated(half.replace(micro_batches=m), sep, devices)
             extra = measure_pieces(shorter, shorter.put(half_state), iters=iters)
             serial = overlap(run, params, tokens, serial=True)
             pingpong = overlap(run, params, tokens)
@@ -106,7 +110,7 @@ def fit(rows: list[dict], total_tokens: int, options) -> dict:
     }
 
 
-def bounded(paper: str, splits, options) -> list[dict]:
+def bounded(paper: str, splits, options, devices: Sequence[jax.Device]) -> list[dict]:
     from experiments.papers.registry import get
     from jaxmoe.analysis import hardware
     from jaxmoe.experiment import PREFILL_BATCH
@@ -120,7 +124,7 @@ def bounded(paper: str, splits, options) -> list[dict]:
             sized = cfg.replace(micro_batches=m)
             try:
                 costs = phase_costs(
-                    sized, sep, jax.devices(), hw, prefill_batch=min(cfg.batch, PREFILL_BATCH)
+                    sized, sep, devices, hw, prefill_batch=min(cfg.batch, PREFILL_BATCH)
                 )
             except ConfigError as err:
                 print(f"skip {sep.name} x {m}: {err}", file=sys.stderr)
@@ -151,18 +155,18 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--paper", default="paper001", help="bound this paper's model ('' none)")
     parser.add_argument("--json", type=Path)
+    platform_flags(parser, "devices in all (default: 16 virtual CPU devices, or every GPU)")
     args = parser.parse_args(argv)
     try:
         cfg = with_overrides(named(args.config), assignments=args.set)
         splits = _splits(args.splits)
         options = [int(m) for m in args.micro_batches.split(",")]
+        devices = platform.select(args.platform, args.devices).devices
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", 16)
 
-    rows = measured(cfg, splits, options, args.iters)
+    rows = measured(cfg, splits, options, args.iters, devices)
     if not rows:
         print("error: no split fits this config; change --splits or --micro-batches")
         return 2
@@ -172,7 +176,7 @@ def main(argv=None) -> int:
     print(_balance_text(balance), end="\n\n")
     doc = {"config": cfg.name, "measured": _jsonable(rows), "balancer": _jsonable(balance)}
     if args.paper:
-        bounds = bounded(args.paper, splits + _splits("15+1"), sorted({1, *options, 8}))
+        bounds = bounded(args.paper, splits + _splits("15+1"), sorted({1, *options, 8}), devices)
         print(_bound_table(args.paper, bounds))
         doc["bounds"] = bounds
     if args.json:

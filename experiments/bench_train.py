@@ -1,13 +1,15 @@
 """Training throughput and memory of every strategy, and of one device, on this machine.
 
     python -m experiments.bench_train [--config bench_moe] [--steps 8] [--warmup 3] [--json PATH]
+        [--platform P] [--devices N]
 
-Each strategy runs in a fresh process (so its peak resident memory is its own) on the shipped
-C4 sample: `--warmup` steps (compiling included) then `--steps` timed steps, each blocked on.
-Reports the median step time and its tokens/s, the process's peak resident memory, the
-compiled program's memory per device (XLA's memory analysis, times the devices for the whole
-mesh), and each strategy's step time against one device's, measured in the same run. A
-benchmark, not a test: these machines are shared and noisy, so compare ratios within one run.
+Each strategy runs in a fresh process (so its peak resident memory is its own) on the platform at
+hand (16 virtual CPU devices where there is no GPU) and the shipped C4 sample: `--warmup` steps
+(compiling included) then `--steps` timed steps, each blocked on. Reports the median step time
+and its tokens/s, the process's peak resident memory, the compiled program's memory per device
+(XLA's memory analysis, times the devices for the whole mesh), and each strategy's step time
+against one device's, measured in the same run. A benchmark, not a test: these machines are
+shared and noisy, so compare ratios within one run.
 """
 
 import argparse
@@ -17,8 +19,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import jax
+
+from experiments.configs import platform_flags
+from jaxmoe import platform
 from jaxmoe.report import human_bytes, table
 
 # a layout that cannot split the config as it is runs an equivalent shape (same parameters and
@@ -34,13 +41,15 @@ DEFAULT_STRATEGIES = (
 )
 
 
-def measure(strategy_name: str, config: str, sets: list[str], steps: int, warmup: int) -> dict:
+def measure(
+    strategy_name: str,
+    config: str,
+    sets: list[str],
+    steps: int,
+    warmup: int,
+    devices: Sequence[jax.Device],
+) -> dict:
     """In this process: build, warm up and time one strategy's train step."""
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", 16)
-
     import meshes
     from experiments.configs import config as named
     from jaxmoe import data
@@ -59,7 +68,7 @@ def measure(strategy_name: str, config: str, sets: list[str], steps: int, warmup
     except ConfigError:
         changed = FALLBACK.get(strategy.name, [])
         cfg = with_overrides(cfg, assignments=changed)
-    trainer = make_trainer(cfg, strategy, jax.devices()[: strategy.n_devices], TrainConfig())
+    trainer = make_trainer(cfg, strategy, devices[: strategy.n_devices], TrainConfig())
     stream = RowStreams(
         data.c4_files(data.DEFAULT_TRAIN),
         data.load_tokenizer(),
@@ -105,16 +114,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    platform_flags(parser, "devices in all (default: 16 virtual CPU devices, or every GPU)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one strategy
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(measure(args.one, args.config, args.set, args.steps, args.warmup)))
+        devices = platform.select(args.platform, args.devices).devices
+        result = measure(args.one, args.config, args.set, args.steps, args.warmup, devices)
+        print(json.dumps(result))
         return 0
+    where = [
+        f"--{k}={v}"
+        for k, v in (("platform", args.platform), ("devices", args.devices))
+        if v is not None
+    ]
     results = []
     for name in args.strategies.split(","):
         child = [sys.executable, "-m", "experiments.bench_train", "--one", name,
                  "--config", args.config, "--steps", str(args.steps),
-                 "--warmup", str(args.warmup), *(f"--set={s}" for s in args.set)]  # fmt: skip
+                 "--warmup", str(args.warmup), *where,
+                 *(f"--set={s}" for s in args.set)]  # fmt: skip
         proc = subprocess.run(child, capture_output=True, text=True)
         if proc.returncode:
             print(f"error: {name} failed: {proc.stderr.strip().splitlines()[-1]}", file=sys.stderr)

@@ -3,10 +3,9 @@
 import argparse
 import json
 
-import jax
-
 import jaxmoe
-from experiments.configs import config, seed, strategies
+from experiments.configs import config, enough_devices, seed, strategies
+from jaxmoe import platform
 from jaxmoe.config import ConfigError, with_overrides
 from jaxmoe.memory_check import check_fits, host_memory_bytes
 from jaxmoe.paths import writable_file
@@ -14,8 +13,7 @@ from jaxmoe.paths import writable_file
 
 def check_devices(strategies: list, devices: int) -> None:
     """`--devices N` against what the strategies use, before JAX makes N devices."""
-    if devices < 1:
-        raise ConfigError(f"--devices {devices}: must be at least 1; run with --devices 16")
+    platform.check_count(devices)
     for s in strategies:
         s.check_devices(devices)
     used = max(s.n_devices for s in strategies)
@@ -28,7 +26,8 @@ def check_devices(strategies: list, devices: int) -> None:
 def run(args: argparse.Namespace) -> None:
     cfg = with_overrides(config(args.config), assignments=args.set)
     layouts = strategies(args.strategies, args.transfer_bits)
-    check_devices(layouts, args.devices)
+    if args.devices is not None:
+        check_devices(layouts, args.devices)
     seed(args.seed, "--seed")
     if args.json:
         writable_file(args.json, "--json")
@@ -40,10 +39,13 @@ def run(args: argparse.Namespace) -> None:
         where="on this machine",
     )
     # Before JAX starts its backend: nothing above has touched a device.
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", args.devices)
-
-    result = jaxmoe.compare(cfg, layouts, phase=args.phase, devices=jax.devices(), seed=args.seed)
+    chosen = platform.select(args.platform, args.devices)
+    devices = chosen.devices
+    if args.devices is None:  # the first ones, as many as the strategies use
+        used = max(s.n_devices for s in layouts)
+        enough_devices(chosen, used, "the strategies")
+        devices = devices[:used]
+    result = jaxmoe.compare(cfg, layouts, phase=args.phase, devices=devices, seed=args.seed)
     print(result.table())
     if args.json:
         args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")

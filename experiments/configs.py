@@ -1,12 +1,37 @@
 """`--config NAME` for every command: a library preset, or a paper's experiment (its tiny model,
 the one that runs on a CPU; `experiment NAME --scale full` compiles the full one); and the
-checks of the flags several commands share."""
+flags several commands share, with their checks."""
+
+import argparse
 
 import meshes
 from jaxmoe import catalogue
 from jaxmoe.config import MAX_INT, ConfigError, ModelConfig
+from jaxmoe.platform import PLATFORMS, Platform
 
-DEVICES = 16  # the papers' machines; virtual CPU devices here (compare and train take --devices)
+DEVICES = 16  # the papers' machines: what experiment, plan and explain lay models over
+
+
+def platform_flags(
+    parser: argparse.ArgumentParser, devices_help: str, devices: int | None = None
+) -> None:
+    """`--platform` and `--devices` (default `devices`), for `jaxmoe.platform.select`."""
+    parser.add_argument(
+        "--platform",
+        choices=PLATFORMS,
+        help="run on this platform (default: what JAX finds: TPU or GPU where present, else CPU)",
+    )
+    parser.add_argument("--devices", type=int, default=devices, metavar="N", help=devices_help)
+
+
+def enough_devices(chosen: Platform, n: int, who: str) -> None:
+    """With no `--devices`, on a GPU or TPU: one line when `who` uses more devices than there are
+    (on virtual CPU devices each layout's own check names the `--devices` it needs)."""
+    if len(chosen.devices) < n and not chosen.virtual:
+        raise ConfigError(
+            f"{who} uses {n} devices, only {len(chosen.devices)} {chosen.name} devices here; "
+            f"run with --platform cpu for {n} virtual CPU devices"
+        )
 
 
 def config(name: str) -> ModelConfig:

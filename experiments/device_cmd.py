@@ -5,7 +5,8 @@ timed and set against that device's roofline: the fraction of the bound reached,
     python -m experiments.run device --config bench_moe --hardware h100x1
 
 On a machine without an accelerator it runs on the CPU, and the fractions are against the
-named profile's peaks, not the CPU's: say `--hardware` for the device you run on.
+named profile's peaks, not the CPU's: say `--hardware` for the device you run on. `--platform`
+chooses the platform (as for every command).
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax
-
 import meshes
 from experiments.configs import config, timing
-from jaxmoe import report
+from jaxmoe import platform, report
 from jaxmoe.analysis import hardware
 from jaxmoe.config import with_overrides
 from jaxmoe.memory_check import check_fits, device_memory_bytes
@@ -31,7 +30,7 @@ def run(args: argparse.Namespace) -> None:
     timing(args.warmup, args.iters)
     if args.json:
         writable_file(args.json, "--json")
-    device = jax.devices()[0]
+    device = platform.select(args.platform, args.devices).devices[0]
     check_fits(cfg, device_memory_bytes(device), cache=True, where=f"on {device.platform} device 0")
     costs = phase_costs(
         cfg,

@@ -1,10 +1,11 @@
 """`experiment`: a paper's setup under each strategy it compares, with the hardware's bound beside
 every measured and claimed figure.
 
-At `--scale tiny` the model runs on the 16 virtual CPU devices: prefill and decode are timed,
-and each strategy's greedy tokens are checked against one device's. At `--scale full` the paper's
-model is compiled for 16 devices on abstract inputs (no weights allocated): its bound and memory
-come from the partitioned program, nothing is run.
+At `--scale tiny` the model runs on 16 devices (virtual CPU devices where there is no GPU):
+prefill and decode are timed, and each strategy's greedy tokens are checked against one device's.
+At `--scale full` the paper's model is compiled for 16 devices on abstract inputs (no weights
+allocated; on virtual CPU devices when the GPUs here are fewer): its bound and memory come from
+the partitioned program, nothing is run.
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax
-
 import jaxmoe
 from experiments import plots
-from experiments.configs import DEVICES, timing
-from jaxmoe import catalogue
+from experiments.configs import timing
+from jaxmoe import catalogue, platform
 from jaxmoe.analysis import hardware
 from jaxmoe.paths import writable_dir, writable_file
 from jaxmoe.phases import Measure
@@ -28,19 +27,19 @@ def run(args: argparse.Namespace) -> None:
     names = list(papers) if args.name == "all" else [catalogue.experiment(args.name).name]
     hw = hardware.get(args.hardware) if args.hardware else None
     for name in names:
-        (hw or hardware.get(papers[name].hardware)).check_devices(DEVICES, "--hardware")
+        (hw or hardware.get(papers[name].hardware)).check_devices(args.devices, "--hardware")
     timing(args.warmup, args.iters)
     if args.json:
         writable_file(args.json, "--json")
     if args.plots:
         writable_dir(args.plots, "--plots")
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", DEVICES)
+    compile_only = args.scale == "full"
+    devices = platform.select(args.platform, args.devices, compile_only=compile_only).devices
 
     docs = []
     measure = Measure(args.warmup, args.iters) if args.scale == "tiny" else None
     for name in names:
-        result = jaxmoe.experiment(name, args.scale, hw, measure=measure, devices=jax.devices())
+        result = jaxmoe.experiment(name, args.scale, hw, measure=measure, devices=devices)
         doc = result.to_json()
         docs.append(doc)
         print(result.table(), end="\n\n", flush=True)

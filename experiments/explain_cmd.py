@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax
-
 import jaxmoe
 import meshes
-from experiments.configs import DEVICES, config
+from experiments.configs import config
+from jaxmoe import platform
 from jaxmoe.config import with_overrides
 from jaxmoe.paths import writable_file
 
@@ -19,9 +18,8 @@ def run(args: argparse.Namespace) -> None:
     layout = meshes.get(args.strategy)
     if args.json:
         writable_file(args.json, "--json")
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", DEVICES)
-    result = jaxmoe.explain(cfg, layout, phase=args.phase, devices=jax.devices())
+    chosen = platform.select(args.platform, args.devices, compile_only=True)
+    result = jaxmoe.explain(cfg, layout, phase=args.phase, devices=chosen.devices)
     print(result.text())
     if args.json:
         args.json.write_text(json.dumps(result.to_json(), indent=2))

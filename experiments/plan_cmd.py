@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax
-
 import jaxmoe
-from experiments.configs import DEVICES, strategies
-from jaxmoe import catalogue
+from experiments.configs import strategies
+from jaxmoe import catalogue, platform
 from jaxmoe.analysis import hardware
 from jaxmoe.config import ConfigError, ModelConfig, with_overrides
 from jaxmoe.paths import writable_file
@@ -45,14 +43,13 @@ def plan_config(name: str, sets: list[str], batch: int | None, seq: int | None) 
 
 def run(args: argparse.Namespace) -> None:
     hw = hardware.get(args.hardware)
-    hw.check_devices(DEVICES, "--hardware")
+    hw.check_devices(args.devices, "--hardware")
     cfg = plan_config(args.config, args.set, args.batch, args.seq)
     names = candidates(args.strategies)  # unknown names fail here, before anything compiles
     if args.json:
         writable_file(args.json, "--json")
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", DEVICES)
-    result = jaxmoe.plan(cfg, hw, names, devices=jax.devices())
+    chosen = platform.select(args.platform, args.devices, compile_only=True)
+    result = jaxmoe.plan(cfg, hw, names, devices=chosen.devices)
     print(result.table())
     if args.json:
         args.json.write_text(json.dumps(result.to_json(), indent=2))

@@ -1,7 +1,7 @@
 """`python -m experiments.run [COMMAND] [options]`: the project's commands.
 
-  compare (the default)  lay one model over every registered strategy on 16 virtual CPU devices,
-                         check each against the one-device forward pass, print one table
+  compare (the default)  lay one model over every registered strategy on 16 devices, check
+                         each against the one-device forward pass, print one table
   train                  train on C4 with the papers' recipe under one strategy; resumable
   experiment             a paper's setup: TPS and TPOT measured (tiny) or compiled (full), each
                          beside its roofline bound on the paper's hardware and the paper's claim
@@ -12,7 +12,11 @@
   plan                   which placement for a model on a machine: every strategy (and
                          ma_separation split) ranked by its bound for prefill and decode
 
-The program sets the CPU device count itself (16, or 16 / --num-processes per process).
+Every command runs on the platform JAX finds (TPU or GPU where present, else the CPU) or the one
+`--platform` names, on `--devices N` of it: by default every GPU or TPU device, or 16 virtual CPU
+devices (16 / --num-processes per process), made by the program itself (no XLA_FLAGS). plan,
+explain and experiment --scale full only compile: with fewer accelerators than they compile for,
+they compile on virtual CPU devices (a `note:` says so).
 """
 
 import argparse
@@ -32,11 +36,16 @@ from experiments import (
     plan_cmd,
     train_cmd,
 )
+from experiments.configs import DEVICES, platform_flags
 from jaxmoe.config import DEFAULT_PRESET, ConfigError
 from jaxmoe.layout import PHASES
 from jaxmoe.train.loop import TrainingDiverged, TrainingFailed, TrainingInterrupted
 
 COMMANDS = ("compare", "train", "experiment", "device", "plan", "explain")
+COMPILE_DEVICES = (
+    f"devices to lay the model over (default {DEVICES}); virtual CPU devices when it only "
+    "compiles and the GPUs or TPUs here are fewer"
+)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +57,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config field (repeatable)",
     )
-    parser.add_argument("--devices", type=int, default=16, help="virtual CPU devices in all")
 
 
 def _phase(parser: argparse.ArgumentParser, what: str) -> None:
@@ -73,6 +81,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command")
     compare = commands.add_parser("compare", help="the layout table (default)")
     _common(compare)
+    platform_flags(
+        compare,
+        "devices in all (default: 16 virtual CPU devices, or as many GPU or TPU devices as the "
+        "strategies use)",
+    )
     compare.add_argument(
         "--strategies",
         default=",".join(meshes.LAYOUTS),
@@ -91,6 +104,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
     train = commands.add_parser("train", help="train on C4 (resumes from --workdir)")
     _common(train)
+    platform_flags(
+        train,
+        "devices in all processes (default: 16 virtual CPU devices, or every GPU or TPU device "
+        "of each process)",
+    )
     train.add_argument("--strategy", default="ep16", help="one registered strategy")
     train.add_argument("--steps", type=int, default=300)
     train.add_argument("--workdir", type=Path, default=Path("runs/train"))
@@ -119,6 +137,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     experiment.add_argument("--iters", type=int, default=20, help="timed calls (papers: 1000)")
     experiment.add_argument("--json", type=Path, help="also write the rows here as JSON")
     experiment.add_argument("--plots", type=Path, help="write a PNG per experiment here")
+    platform_flags(experiment, COMPILE_DEVICES, DEVICES)
 
     device = commands.add_parser("device", help="one device's share of its roofline")
     device.add_argument("--config", default="bench_moe", help="a named configuration")
@@ -127,6 +146,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     device.add_argument("--warmup", type=int, default=10)
     device.add_argument("--iters", type=int, default=50)
     device.add_argument("--json", type=Path, help="also write the rows here as JSON")
+    platform_flags(
+        device,
+        "devices to set up (default: 16 virtual CPU devices, or every GPU or TPU device); it "
+        "runs on the first",
+    )
 
     plan = commands.add_parser("plan", help="rank every placement by its bound")
     plan.add_argument("--config", default="paper000", help="a preset or a paper (its full model)")
@@ -138,6 +162,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--strategies", help="comma-separated candidates (default: all, and ma_separation splits)"
     )
     plan.add_argument("--json", type=Path, help="also write the ranking here as JSON")
+    platform_flags(plan, COMPILE_DEVICES, DEVICES)
 
     explain = commands.add_parser(
         "explain", help="what a strategy does to the model, per parameter"
@@ -147,6 +172,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     explain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     explain.add_argument("--json", type=Path, help="also write the explanation here as JSON")
     _phase(explain, "the program explained")
+    platform_flags(explain, COMPILE_DEVICES, DEVICES)
 
     argv = list(argv)
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):

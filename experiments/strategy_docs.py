@@ -1,21 +1,27 @@
 """Write `docs/strategies.md`: a page per strategy, its mesh, rules, collectives and bound.
 
-    python -m experiments.strategy_docs [--out docs/strategies.md]
+    python -m experiments.strategy_docs [--out docs/strategies.md] [--platform P --devices N]
 
 Everything on the page comes from the code and the compiled programs: the mesh and the rules from
 the strategy value, the why from its module's docstring, the collectives per layer from compiling
 `tiny_moe` under it (`compare`), the bound from `plan` on paper 000's model and the H100 x16
 profile. Run it again after changing a strategy; a test checks the rules on the page are the
-code's.
+code's. It lays the models over 16 devices: virtual CPU devices unless there are 16 GPUs or TPUs.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
+
+from experiments.configs import DEVICES, platform_flags
+from jaxmoe import platform
+from jaxmoe.config import ConfigError
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "strategies.md"
 PLAN = ("paper000", "h100x16")
@@ -31,15 +37,15 @@ def _mesh(strategy) -> str:
     return " x ".join(f"{name}={size}" for name, size in strategy.mesh_shape)
 
 
-def page() -> str:
+def page(devices: Sequence[jax.Device]) -> str:
     import jaxmoe
     import meshes
     from experiments import plan_cmd
     from jaxmoe.report import SHORT, human_bytes
 
-    reports = {r.strategy: r for r in jaxmoe.compare("tiny_moe", devices=jax.devices()).reports}
+    reports = {r.strategy: r for r in jaxmoe.compare("tiny_moe", devices=devices).reports}
     model = plan_cmd.plan_config(PLAN[0], [], None, None)
-    planned = jaxmoe.plan(model, PLAN[1], list(meshes.LAYOUTS), devices=jax.devices()).rows
+    planned = jaxmoe.plan(model, PLAN[1], list(meshes.LAYOUTS), devices=devices).rows
     parts = [
         "# Strategies\n\nOne section per layout: its mesh, the rules that map the model's logical "
         "axes (`jaxmoe/axes.py`) onto mesh axes, why its collectives are what they are (the "
@@ -95,11 +101,15 @@ def _module_of(name: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.strategy_docs")
     parser.add_argument("--out", type=Path, default=PAGE)
+    platform_flags(parser, f"devices to lay the models over (default {DEVICES})", DEVICES)
     args = parser.parse_args(argv)
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", 16)
+    try:
+        chosen = platform.select(args.platform, args.devices, compile_only=True)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(page())
+    args.out.write_text(page(chosen.devices))
     print(f"wrote {args.out}")
     return 0
 

@@ -9,6 +9,9 @@ process count), peers retry connecting until it answers; a missing coordinator o
 mismatched --num-processes or a duplicate --process-id is a `ConfigError` before any of JAX's
 runtime starts. Only once everyone is there does process 0 close its socket, answer `go`, and
 every process call `jax.distributed.initialize` on the same address.
+
+The platform (`jaxmoe.platform`) is set up around it: the CPU device count before the runtime
+starts, the platform and its devices chosen once every process is there.
 """
 
 import contextlib
@@ -23,6 +26,7 @@ from typing import NoReturn
 import jax
 
 from jaxmoe.config import ConfigError
+from jaxmoe.platform import CPU_DEVICES, Platform, attach, check_count, configure
 
 TASK_COUNTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")  # cluster launchers JAX detects
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
@@ -33,31 +37,39 @@ MAX_LINE = 512
 
 
 def start(
-    devices: int,
+    devices: int | None,
     num_processes: int,
     process_id: int,
     coordinator: str | None,
     timeout_s: float,
-) -> None:
-    """`devices // num_processes` CPU devices for this process and, with a coordinator (HOST:PORT,
-    process 0's) or a cluster environment JAX detects, JAX's multi-controller runtime; every
-    process is there within `timeout_s` seconds or this raises `ConfigError`."""
+    platform: str | None = None,
+) -> Platform:
+    """This process's part of a run on `devices` in all (None: 16 virtual CPU devices, or every
+    GPU or TPU device of every process) of `platform` (as `jaxmoe.platform.select`): on the CPU
+    `devices // num_processes` virtual devices per process, on a GPU or TPU each process's own.
+    With a coordinator (HOST:PORT, process 0's) or a cluster environment JAX detects, JAX's
+    multi-controller runtime starts first; every process is there within `timeout_s` seconds or
+    this raises `ConfigError`. Returns the run's devices (of every process)."""
     n = num_processes
     if n < 1:
         raise ConfigError(f"--num-processes {n}: must be at least 1")
-    if devices < 1:
-        raise ConfigError(f"--devices {devices}: must be at least 1; run with --devices 16")
+    check_count(devices)
     if not 0 <= process_id < n:
         raise ConfigError(f"--process-id {process_id} must be in 0..{n - 1}")
-    if devices % n:
-        raise ConfigError(f"--devices {devices} does not split over {n} processes")
+    cpu_devices, rest = divmod(devices or CPU_DEVICES, n)
+    if rest and platform in (None, "cpu"):  # on a GPU each process takes its own devices
+        fix = f"run with --devices a multiple of {n}"
+        if platform is None:
+            fix += " (on the CPU), or --platform gpu for every GPU of each process"
+        raise ConfigError(
+            f"--devices {devices or CPU_DEVICES} does not split over {n} processes; {fix}"
+        )
     if not (math.isfinite(timeout_s) and timeout_s > 0):
         raise ConfigError(f"--init-timeout {timeout_s:g} must be a positive number of seconds")
     if n > 1 and not coordinator:
         raise ConfigError("--num-processes > 1 needs --coordinator HOST:PORT (process 0's)")
     address = parse_address(coordinator) if coordinator else None
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", devices // n)
+    configure(platform, max(cpu_devices, 1))  # at least one, on a GPU too
     if address is not None:
         if process_id == 0:
             _gather(address[1], n, coordinator, timeout_s)
@@ -68,6 +80,14 @@ def start(
         int(os.environ.get(v) or 0) > 1 for v in TASK_COUNTS
     ):
         _initialize(timeout_s)  # JAX reads the address, count and id from the environment
+    chosen = attach(platform, devices)
+    everything = jax.device_count(chosen.name)
+    if jax.process_count() > 1 and not chosen.virtual and len(chosen.devices) < everything:
+        raise ConfigError(
+            f"--devices {devices}: the {jax.process_count()} processes use every {chosen.name} "
+            f"device of each ({everything} in all); leave --devices out"
+        )
+    return chosen
 
 
 def parse_address(coordinator: str) -> tuple[str, int]:

@@ -53,6 +53,8 @@ CASES = [
     (["--strategies", "ep16", "--devices", "100000"], "needs 16 devices, 100000 given"),
     (["--devices", "0"], "--devices 0: must be at least 1"),
     (["--strategies", "ma_separation:8+8", "--devices", "64"], "--devices 64: the strategies"),
+    (["--platform", "gpu"], "--platform gpu: JAX finds no gpu device here"),
+    (["--platform", "nope"], "argument --platform: invalid choice: 'nope'"),
     (["--seed", "-1"], "--seed -1: must be in 0.."),
     (["--json", "{tmp}/afile/x.json"], "afile is a file, not a directory"),
     (["--json", "{tmp}/adir"], "is a directory; name a file"),
@@ -66,6 +68,7 @@ CASES = [
     (["experiment", "paper000", "--warmup", "-1"], "--warmup -1: must be 0 or more"),
     (["experiment", "paper000", "--json", "{tmp}/adir"], "is a directory; name a file"),
     (["experiment", "all", "--plots", "{tmp}/afile"], "is a file, not a directory"),
+    (["experiment", "paper000", "--platform", "gpu"], "--platform gpu: JAX finds no gpu device"),
     # plan
     (["plan", "--config", "nope"], "unknown config 'nope'"),
     (["plan", "--hardware", "nope"], "unknown hardware profile 'nope'"),
@@ -83,12 +86,15 @@ CASES = [
     ),
     (["plan", "--set", "init_std=-0.5"], "init_std=-0.5: must be > 0"),
     (["plan", "--json", "{tmp}/afile/x.json"], "is a file, not a directory"),
+    (["plan", "--platform", "tpu"], "--platform tpu: JAX finds no tpu device here"),
+    (["plan", "--devices", "0"], "--devices 0: must be at least 1"),
     # explain
     (["explain", "nope"], "unknown strategy 'nope'"),
     (["explain", "tp16", "--set", "n_heads=12"], "splits n_heads=12"),
     (["explain", "ma_separation:16+4"], "exceed the 16 devices"),
     (["explain", "ep16", "--set", "norm_eps=0"], "norm_eps=0.0: must be > 0"),
     (["explain", "ep16", "--json", "{tmp}/adir"], "is a directory; name a file"),
+    (["explain", "ep16", "--platform", "gpu"], "--platform gpu: JAX finds no gpu device here"),
     # device
     (["device", "--config", "nope"], "unknown config 'nope'"),
     (["device", *TINY, "--hardware", "nope"], "unknown hardware profile 'nope'"),
@@ -97,6 +103,7 @@ CASES = [
     (["device", *TINY, "--set", "capacity_factor=nan"], "capacity_factor=nan"),
     (["device", *TINY, "--json", "{tmp}/afile/x.json"], "is a file, not a directory"),
     (["device", *TINY, *HUGE], "of memory on cpu device 0"),
+    (["device", *TINY, "--platform", "gpu"], "--platform gpu: JAX finds no gpu device here"),
     # train (on a small model with the GPT-2 vocabulary, in {tmp}/adir/run)
     (["train", "--strategy", "nope"], "unknown strategy 'nope'"),
     (["train", "--steps", "0"], "--steps 0: must be >= 1"),
@@ -115,6 +122,7 @@ CASES = [
     (["train", "--set", "vocab_size=300"], "set vocab_size=50257"),
     (["train", "--set", "batch=6"], "splits batch=6"),
     (["train", "--num-processes", "3"], "--devices 16 does not split over 3 processes"),
+    (["train", "--platform", "gpu"], "--platform gpu: JAX finds no gpu device here"),
     (["train", "--process-id", "5"], "--process-id 5 must be in 0..0"),
     (["train", "--coordinator", "nohostport"], "nohostport"),
     (["train", "--init-timeout", "0"], "--init-timeout 0"),

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -89,7 +90,7 @@ def train(
     strategy: Layout,
     tc: TrainConfig,
     opts: RunOptions,
-    devices: list[jax.Device] | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> dict:
     lead = jax.process_index() == 0
     writable_dir(opts.workdir, "--workdir")
@@ -98,9 +99,9 @@ def train(
 
 
 def _train(cfg, strategy, tc, opts, devices, lead: bool) -> dict:
-    if devices is None:  # a strategy on fewer devices than there are takes the first ones
-        devices = jax.devices()
-        devices = devices[: strategy.n_devices] if jax.process_count() == 1 else devices
+    devices = jax.devices() if devices is None else devices
+    if jax.process_count() == 1:  # a strategy on fewer devices than there are takes the first
+        devices = devices[: strategy.n_devices]
     train_files, valid_files = split_files(opts)
     tokenizer = data.load_tokenizer(opts.tokenizer)
     if tokenizer.get_vocab_size() > cfg.vocab_size:

@@ -1,0 +1,172 @@
+"""Which devices a command runs on: the platform at hand (TPU or GPU where JAX finds one, else the
+CPU), or the one asked for, and how many of its devices.
+
+Every command calls `select` once, before anything starts a JAX backend. On the CPU it makes
+virtual devices (16 by default: the papers' machines); on a GPU or TPU it takes every device
+there, or the first `devices`. A command that only compiles for N devices on abstract inputs
+(`compile_only`) compiles on N virtual CPU devices when the accelerator here has fewer, with one
+note. `train` goes through `jaxmoe.runtime`, which calls select's two halves around JAX's
+multi-controller runtime: `configure` before it starts, `attach` after.
+
+    select(None, None)                      # 8 GPUs here: Platform("gpu", 8 devices)
+    select("cpu", 16)                       # 16 virtual CPU devices, no GPU initialised
+    select(None, 16, compile_only=True)     # 8 GPUs here: 16 virtual CPU devices and a note
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Mapping
+
+import jax
+
+from jaxmoe.config import ConfigError
+
+PLATFORMS = ("cpu", "gpu", "tpu")
+CPU_DEVICES = 16  # virtual CPU devices unless --devices says otherwise
+INSTALL = {  # the fix when a platform asked for is absent
+    "gpu": 'JAX\'s CUDA build (pip install -e ".[cuda]", which brings jax[cuda12])',
+    "tpu": 'JAX\'s TPU build (pip install "jax[tpu]")',
+}
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    """The devices a command runs on, all of one platform ("cpu", "gpu" or "tpu")."""
+
+    name: str
+    devices: tuple[jax.Device, ...]
+
+    @property
+    def virtual(self) -> bool:
+        """CPU devices are made up by XLA, as many as asked, all sharing this machine's cores."""
+        return self.name == "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """What `choose` decided: the platform, how many of its devices, and a note to log."""
+
+    platform: str
+    count: int
+    note: str | None = None
+
+
+def select(
+    platform: str | None,
+    devices: int | None,
+    *,
+    compile_only: bool = False,
+    found: Mapping[str, int] | None = None,
+) -> Platform:
+    """The devices to run on: `platform` ("cpu", "gpu", "tpu"; None: TPU or GPU where present,
+    else the CPU) and `devices` of it (None: 16 virtual CPU devices, or every GPU or TPU device).
+
+    Call it before anything starts a JAX backend (it sets the CPU device count). `found` (platform
+    -> device count) stands in for probing JAX. One-line `ConfigError` when the count is below 1,
+    the platform asked for is absent, or it has fewer devices than asked; with `compile_only` and
+    no platform asked for, fewer falls back to virtual CPU devices with a note instead.
+    """
+    check_count(devices)
+    configure(platform, devices or CPU_DEVICES)
+    return attach(platform, devices, compile_only=compile_only, found=found)
+
+
+def check_count(devices: int | None) -> None:
+    """`--devices N`: None (the command's default) or at least 1."""
+    if devices is not None and devices < 1:
+        raise ConfigError(
+            f"--devices {devices}: must be at least 1; leave it out for the command's default"
+        )
+
+
+def configure(platform: str | None, cpu_devices: int) -> None:
+    """Before any backend starts: `cpu_devices` virtual CPU devices in this process, and nothing
+    but the CPU when `platform` is "cpu" (a GPU is then never initialised)."""
+    jax.config.update("jax_num_cpu_devices", cpu_devices)
+    if platform == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+
+
+def attach(
+    platform: str | None,
+    devices: int | None,
+    *,
+    compile_only: bool = False,
+    found: Mapping[str, int] | None = None,
+) -> Platform:
+    """After `configure` (and JAX's multi-controller runtime, if any): `choose` among the
+    platforms found, log its note, and return the chosen devices (of every process)."""
+    choice = choose(
+        platform, devices, available() if found is None else found, compile_only=compile_only
+    )
+    if choice.note:
+        log.warning(choice.note)
+    chosen = tuple(jax.devices(choice.platform)[: choice.count])
+    if choice.platform != jax.default_backend():  # arrays made without a device go there too
+        jax.config.update("jax_default_device", chosen[0])
+    return Platform(choice.platform, chosen)
+
+
+def available() -> dict[str, int]:
+    """Device count of each platform JAX finds here (starts its backends)."""
+    counts = {}
+    for name in PLATFORMS:
+        with contextlib.suppress(RuntimeError):  # JAX's answer for a platform not here
+            counts[name] = len(jax.devices(name))
+    return counts
+
+
+def choose(
+    platform: str | None,
+    devices: int | None,
+    found: Mapping[str, int],
+    *,
+    compile_only: bool = False,
+) -> Choice:
+    """The platform and device count for `platform` and `devices` (as `select`) among the
+    platforms `found` (name -> device count); the decision alone, nothing started."""
+    if platform is None:
+        name = next((p for p in ("tpu", "gpu") if found.get(p)), "cpu")
+    elif platform not in PLATFORMS:
+        raise ConfigError(f"--platform {platform}: choose one of {', '.join(PLATFORMS)}")
+    elif found.get(platform):
+        name = platform
+    else:
+        raise ConfigError(
+            f"--platform {platform}: JAX finds no {platform} device here; install "
+            f"{INSTALL[platform]}, or run with --platform cpu"
+        )
+    here = found.get(name, 0)
+    count = devices or here
+    if count <= here:
+        return Choice(name, count)
+    if compile_only and platform is None and found.get("cpu", 0) >= count:
+        return Choice(
+            "cpu",
+            count,
+            f"{count} devices to compile for, {here} {name} devices here: compiling on {count} "
+            "virtual CPU devices (nothing runs)",
+        )
+    fix = "" if name == "cpu" else f", or --platform cpu for {count} virtual CPU devices"
+    raise ConfigError(
+        f"--devices {count}: only {here} {name} devices here; run with --devices {here}{fix}"
+    )
+
+
+__all__ = [
+    "CPU_DEVICES",
+    "PLATFORMS",
+    "Choice",
+    "Platform",
+    "attach",
+    "available",
+    "check_count",
+    "choose",
+    "configure",
+    "select",
+]
