@@ -12,6 +12,7 @@ from tiny import DEVICES, tiny
 import meshes
 from jaxmoe.compare import compare_strategies
 from jaxmoe.explain import explain
+from jaxmoe.report import compare_table
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = list(meshes.LAYOUTS)
@@ -39,6 +40,15 @@ def test_the_training_step_reduces_gradients_and_holds_adam(train_reports, name)
     assert memory["optimizer_state"] >= 2 * memory["parameters"]  # Adam's two moments
     assert memory["total"] >= memory["parameters"] + memory["activations"]
     assert r.textbook_bytes_per_layer > 0
+
+
+def test_the_training_table_shows_every_layouts_step_and_textbook(train_reports):
+    cfg, reports = train_reports
+    text = compare_table(cfg, list(reports.values()))
+    assert "training step" in text and "textbook/layer" in text
+    for name in NAMES:  # each row: its collectives, bytes, textbook, memory by part
+        row = next(line for line in text.splitlines() if line.startswith(f"{name} "))
+        assert row.count("iB") >= 7, row
 
 
 def test_training_moves_twice_what_the_forward_pass_moves_between_separated_meshes(
