@@ -1,15 +1,8 @@
-"""`plan`: which placement to use for a model on a machine, ranked by the hardware's bound.
-
-Every candidate layout (the registered strategies and ma_separation's device splits) is compiled
-for the model on abstract inputs (no weights allocated, nothing run) and ranked by its roofline
-bound: prefill by tokens per second, decode by time per output token. A layout that does not fit
-in the GPU's memory is ranked after every one that fits; one that cannot split the model is
-listed with the reason. Each row says what limits it (compute, memory bandwidth, or which
-collective on which mesh axes).
+"""`plan`: which placement to use for a model on a machine, ranked by the hardware's bound
+(`jaxmoe.plan`: every candidate compiled on abstract inputs, nothing run).
 
 A paper's name as `--config` plans its full-size model (a deployment question); a preset is
-planned as it is. An ma_separation split runs with the most ping-pong micro-batches, up to the
-config's `micro_batches`, that split its batches (named in the row when fewer).
+planned as it is.
 """
 
 from __future__ import annotations

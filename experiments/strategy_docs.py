@@ -73,14 +73,14 @@ def page(devices: Sequence[jax.Device]) -> str:
             f"per device{'' if row['fits'] else ' (does not fit)'}"
             for row in bound
         )
-        parts = layout.strategies
-        if len(parts) == 1:
-            (strategy,) = parts.values()
+        on = layout.strategies  # each mesh's rules, by the mesh's role
+        if len(on) == 1:
+            (strategy,) = on.values()
             mesh, rules = _mesh(strategy), rules_table(strategy)
         else:
-            mesh = " + ".join(f"{_mesh(s)} ({role})" for role, s in parts.items())
+            mesh = " + ".join(f"{_mesh(s)} ({role})" for role, s in on.items())
             rules = "\n\n".join(
-                f"{role.capitalize()} mesh:\n\n{rules_table(s)}" for role, s in parts.items()
+                f"{role.capitalize()} mesh:\n\n{rules_table(s)}" for role, s in on.items()
             )
         parts.append(
             f"## `{name}`\n\n{layout.description}.\n\n**Mesh:** {mesh}\n\n{rules}\n\n"

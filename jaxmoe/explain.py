@@ -4,9 +4,9 @@ sharding reads instead of HLO.
 Per parameter: its logical axes, the partition spec the compiled program gives it, and the bytes
 one device holds. Per layer: the collectives inside the layer loop with the mesh axes they span
 and the bytes one device sends (and those outside it: embeddings, LM head). Per device: memory
-by part. `phase` picks the program: the forward pass (memory: parameters, optimizer state, the
-training step's activations, the KV cache), the training step (parameters, gradients, optimizer
-state, activations), prefill or decode. Each layout builds its own explanation
+by part. `phase` picks the program: the forward pass (memory: parameters, the optimizer state
+training would hold, the forward pass's activations, the KV cache), the training step
+(parameters, gradients, optimizer state, activations), prefill or decode. Each layout builds its own explanation
 (`LaidOut.explain`) from the helpers here.
 """
 

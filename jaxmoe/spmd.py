@@ -145,29 +145,27 @@ class SpmdRun:
 
     def explain(self, phase: Phase = "forward") -> dict:
         """Per parameter (as `phase`'s compiled program takes it), its collectives, and memory
-        per device: for `forward` the parameters, Adam's state, the training step's activations
-        and the KV cache; for `train` the training step's parts; for prefill and decode their
-        program's, with the KV cache."""
-        trainer, step = self.compile_train_step() if phase in ("forward", "train") else (None, None)
-        compiled = {
-            "forward": self.compile_forward,
-            "train": lambda: step,
-        }.get(phase, lambda: self._phase_program(phase, allocate=False)[0])()
+        per device: for `forward` the parameters, Adam's state as training would hold it, the
+        forward pass's activations and the KV cache of `batch` sequences; for `train` the
+        training step's parts; for prefill and decode their program's, with the KV cache."""
+        trainer, step = self.compile_train_step() if phase == "train" else (None, None)
+        if phase == "forward":
+            compiled = self.compile_forward()
+        else:
+            compiled = step or self._phase_program(phase, allocate=False)[0]
         abstract = self.placement.abstract
-        shardings = compiled_param_shardings(compiled, abstract)
-        params = parameters(abstract, shardings)
-        train = memory_per_device(step) if step is not None else None
+        params = parameters(abstract, compiled_param_shardings(compiled, abstract))
+        xla = memory_per_device(compiled)
         if phase == "train":
-            memory = self._train_memory(trainer, train)
+            memory = self._train_memory(trainer, xla)
         elif phase == "forward":
             memory = {
                 "parameters": sum(p["bytes_per_device"] for p in params),
-                "optimizer_state": shard_bytes(trainer.abstract_state[1]),
-                "activations": train["temporaries"],
+                "optimizer_state": shard_bytes(self.trainer(TrainConfig()).abstract_state[1]),
+                "activations": xla["temporaries"],
                 "kv_cache": self.cache_bytes(),
             }
         else:
-            xla = memory_per_device(compiled)
             memory = {
                 "parameters": sum(p["bytes_per_device"] for p in params),
                 "kv_cache": self.cache_bytes(),

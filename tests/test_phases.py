@@ -16,6 +16,8 @@ from jaxmoe.report import compare_table
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = list(meshes.LAYOUTS)
+# the training steps are compiled once, on one worker, for every test that reads them
+pytestmark = pytest.mark.xdist_group("training_steps")
 
 
 @pytest.fixture(scope="module")
