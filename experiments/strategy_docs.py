@@ -61,16 +61,18 @@ def page(devices: Sequence[jax.Device]) -> str:
             for kind, (count, sent) in r.per_layer.items()
             if count
         )
-        bound = [row for row in planned if row["strategy"] == name]
+        bound = sorted(
+            (row for row in planned if row.strategy == name), key=lambda r: r.phase != "prefill"
+        )
         bound_text = "; ".join(
-            f"{row['phase']}: "
+            f"{row.phase}: "
             + (
-                f"{row['tps']:,.0f} tokens/s"
-                if row["phase"] == "prefill"
-                else f"{row['tpot_ms']:.3g} ms per token"
+                f"{row.tps:,.0f} tokens/s"
+                if row.phase == "prefill"
+                else f"{row.tpot_ms:.3g} ms per token"
             )
-            + f", limited by {row['limit']}, {human_bytes(row['memory_bytes_per_device'])} "
-            f"per device{'' if row['fits'] else ' (does not fit)'}"
+            + f", limited by {row.limit}, {human_bytes(row.memory_bytes_per_device)} "
+            f"per device{'' if row.fits else ' (does not fit)'}"
             for row in bound
         )
         on = layout.strategies  # each mesh's rules, by the mesh's role

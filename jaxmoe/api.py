@@ -20,9 +20,11 @@ from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.compare import LayoutReport, check_finite, compare_strategies
 from jaxmoe.config import ModelConfig
 from jaxmoe.experiment import PREFILL_BATCH, Experiment, experiment_rows
+from jaxmoe.explain import Explanation
 from jaxmoe.explain import explain as _explain
 from jaxmoe.layout import Layout, Phase
 from jaxmoe.phases import Measure, PhaseCost, phase_costs
+from jaxmoe.plan import Plan
 from jaxmoe.plan import plan as _plan
 from jaxmoe.train.loop import RunOptions
 from jaxmoe.train.loop import train as _train
@@ -105,31 +107,6 @@ def compare(
 
 
 # ---- explain ----------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Explanation:
-    """What a layout does to a model in one phase: per parameter, per layer, per device."""
-
-    strategy: str
-    phase: Phase
-    mesh: dict
-    parameters: tuple[dict, ...]  # path, shape, logical axes, partition spec, bytes per device
-    collectives: tuple[dict, ...]  # kind, mesh axes, where, count, bytes sent per device
-    memory_per_device: dict[str, int]
-
-    def to_json(self) -> dict:
-        return {
-            "strategy": self.strategy,
-            "phase": self.phase,
-            "mesh": self.mesh,
-            "parameters": list(self.parameters),
-            "collectives": list(self.collectives),
-            "memory_per_device": self.memory_per_device,
-        }
-
-    def text(self) -> str:
-        return report.explain_text(self.to_json())
-
-
 def explain(
     cfg: Config,
     layout_: Layout | str,
@@ -139,15 +116,7 @@ def explain(
 ) -> Explanation:
     """Per parameter its logical axes, the spec the compiled program gives it and its bytes per
     device; the collectives with their mesh axes; memory per device (see `jaxmoe.explain`)."""
-    doc = _explain(config(cfg), layout(layout_), _devices(devices), phase)
-    return Explanation(
-        doc["strategy"],
-        doc["phase"],
-        doc["mesh"],
-        tuple(doc["parameters"]),
-        tuple(doc["collectives"]),
-        doc["memory_per_device"],
-    )
+    return _explain(config(cfg), layout(layout_), _devices(devices), phase)
 
 
 # ---- the bound, plan --------------------------------------------------------------------------
@@ -176,30 +145,6 @@ def bound(
     return tuple(costs)
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """Every candidate's bound per phase and the rankings (best first)."""
-
-    config: ModelConfig
-    hardware: Hardware
-    rows: tuple[dict, ...]
-    ranking: dict[str, list[str]]
-    cannot_split: dict[str, str]
-
-    def to_json(self) -> dict:
-        return {
-            "config": dataclasses.asdict(self.config),
-            "hardware": self.hardware.name,
-            "rows": list(self.rows),
-            "ranking": self.ranking,
-            "cannot_split": self.cannot_split,
-        }
-
-    def table(self) -> str:
-        result = {"rows": self.rows, "cannot_split": self.cannot_split}
-        return report.plan_table(self.config, self.hardware, result, PREFILL_BATCH)
-
-
 def plan(
     cfg: Config,
     hw: Hardware | str = "h100x16",
@@ -212,8 +157,7 @@ def plan(
     (nothing allocated, nothing run)."""
     model, profile = config(cfg, "full"), hardware(hw)
     names = catalogue.candidates() if candidates is None else list(candidates)
-    found = _plan(model, profile, names, _devices(devices))
-    return Plan(model, profile, tuple(found["rows"]), found["ranking"], found["cannot_split"])
+    return _plan(model, profile, names, _devices(devices))
 
 
 # ---- a paper's experiment ---------------------------------------------------------------------

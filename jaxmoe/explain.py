@@ -6,12 +6,13 @@ one device holds. Per layer: the collectives inside the layer loop with the mesh
 and the bytes one device sends (and those outside it: embeddings, LM head). Per device: memory
 by part. `phase` picks the program: the forward pass (memory: parameters, the optimizer state
 training would hold, the forward pass's activations, the KV cache), the training step
-(parameters, gradients, optimizer state, activations), prefill or decode. Each layout builds its own explanation
-(`LaidOut.explain`) from the helpers here.
+(parameters, gradients, optimizer state, activations), prefill or decode. Each layout builds
+its own explanation (`LaidOut.explain`) from the helpers here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from jaxmoe import report
 from jaxmoe.analysis.collectives import Inventory
 from jaxmoe.config import ModelConfig
 from jaxmoe.layout import Layout, Phase
@@ -79,9 +81,37 @@ def named(tree, is_leaf) -> list[tuple[str, object]]:
     ]
 
 
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """What a layout does to a model in one phase: per parameter, per layer, per device."""
+
+    strategy: str
+    phase: Phase
+    mesh: dict
+    parameters: tuple[dict, ...]  # path, shape, logical axes, partition spec, bytes per device
+    collectives: tuple[dict, ...]  # kind, mesh axes, where, count, bytes sent per device
+    memory_per_device: dict[str, int]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {
+            "parameters": list(self.parameters),
+            "collectives": list(self.collectives),
+        }
+
+    def text(self) -> str:
+        return report.explain_text(self.to_json())
+
+
 def explain(
     cfg: ModelConfig, layout: Layout, devices: Sequence[jax.Device], phase: Phase = "forward"
-) -> dict:
-    """The explanation of `layout` for `cfg` and `phase`, as plain data (see the module
-    docstring)."""
-    return layout.lay_out(cfg, devices).explain(phase)
+) -> Explanation:
+    """The explanation of `layout` for `cfg` and `phase` (see the module docstring)."""
+    doc = layout.lay_out(cfg, devices).explain(phase)
+    return Explanation(
+        doc["strategy"],
+        doc["phase"],
+        doc["mesh"],
+        tuple(doc["parameters"]),
+        tuple(doc["collectives"]),
+        doc["memory_per_device"],
+    )

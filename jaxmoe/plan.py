@@ -13,11 +13,12 @@ config's `micro_batches`, that split its batches (named in the row when fewer).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
 
-from jaxmoe import catalogue
+from jaxmoe import catalogue, report
 from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.experiment import PREFILL_BATCH
@@ -39,10 +40,59 @@ def _fitting(cfg: ModelConfig, layout, n_devices: int) -> tuple[ModelConfig, str
     raise first_error
 
 
+@dataclasses.dataclass(frozen=True)
+class PlanRow:
+    """One candidate in one phase: its bound (tokens per second; decode also ms per output
+    token), what limits it, its memory per device, its rank and why."""
+
+    strategy: str
+    phase: str
+    tps: float
+    tpot_ms: float | None  # decode only
+    seconds: float  # per call, communication overlapped
+    serial_seconds: float  # nothing overlapped
+    limit: str
+    memory_bytes_per_device: int
+    fits: bool
+    rank: int  # 1: the best; a candidate that does not fit ranks after every one that does
+    reason: str
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Every candidate's bound per phase and the rankings (best first)."""
+
+    config: ModelConfig
+    hardware: Hardware
+    rows: tuple[PlanRow, ...]
+    cannot_split: dict[str, str]  # candidate -> why it cannot lay the model out
+
+    def ranking(self, phase: str) -> list[PlanRow]:
+        return sorted((r for r in self.rows if r.phase == phase), key=lambda r: r.rank)
+
+    def table(self) -> str:
+        return report.plan_table(self, PREFILL_BATCH)
+
+    def to_json(self) -> dict:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "hardware": self.hardware.name,
+            "rows": [r.to_json() for r in self.rows],
+            "ranking": {p: [r.strategy for r in self.ranking(p)] for p in PHASES},
+            "cannot_split": self.cannot_split,
+        }
+
+
+PHASES = ("prefill", "decode")
+
+
 def plan(
     cfg: ModelConfig, hw: Hardware, names: Sequence[str], devices: Sequence[jax.Device]
-) -> dict:
-    """Every candidate's bound per phase, and the two rankings (best first)."""
+) -> Plan:
+    """Every candidate's bound per phase, ranked."""
     layouts = [catalogue.layout(n) for n in names]  # unknown names fail here, before compiling
     runnable, skipped = [], {}
     for layout in layouts:
@@ -58,41 +108,48 @@ def plan(
             f"none of the {len(skipped)} candidates can run {cfg.name} (B {cfg.batch} x S "
             f"{cfg.seq_len}); {first}: {reason}"
         )
-    rows = []
-    for layout, sized, name in runnable:
-        costs = phase_costs(sized, layout, devices, hw, prefill_batch=min(cfg.batch, PREFILL_BATCH))
-        for c in costs:
-            memory = c.memory["total"]
-            rows.append(
-                {
-                    "strategy": name,
-                    "phase": c.phase,
-                    **c.rate(c.bound.overlapped_s),
-                    "seconds": c.bound.overlapped_s,
-                    "serial_seconds": c.bound.serial_s,
-                    "limit": c.bound.limit,
-                    "memory_bytes_per_device": memory,
-                    "fits": memory <= hw.hbm_bytes,
-                }
-            )
-    ranking = {}
-    for phase in ("prefill", "decode"):
-        ranked = sorted(
-            (r for r in rows if r["phase"] == phase), key=lambda r: (not r["fits"], r["seconds"])
+    costs = [
+        (name, c)
+        for layout, sized, name in runnable
+        for c in phase_costs(
+            sized, layout, devices, hw, prefill_batch=min(cfg.batch, PREFILL_BATCH)
         )
-        for i, r in enumerate(ranked):
-            r["rank"] = i + 1
-            r["reason"] = _reason(r, ranked[0], hw)
-        ranking[phase] = [r["strategy"] for r in ranked]
-    return {"rows": rows, "ranking": ranking, "cannot_split": skipped}
+    ]
+    rows = []
+    for phase in PHASES:
+        here = [(name, c) for name, c in costs if c.phase == phase]
+        ranked = sorted(here, key=lambda nc: (not _fits(nc[1], hw), nc[1].bound.overlapped_s))
+        best = ranked[0][1]
+        for rank, (name, c) in enumerate(ranked, 1):
+            rate = c.rate(c.bound.overlapped_s)
+            rows.append(
+                PlanRow(
+                    strategy=name,
+                    phase=phase,
+                    tps=rate["tps"],
+                    tpot_ms=rate.get("tpot_ms"),
+                    seconds=c.bound.overlapped_s,
+                    serial_seconds=c.bound.serial_s,
+                    limit=c.bound.limit,
+                    memory_bytes_per_device=c.memory["total"],
+                    fits=_fits(c, hw),
+                    rank=rank,
+                    reason=_reason(c, best, hw),
+                )
+            )
+    return Plan(cfg, hw, tuple(rows), skipped)
 
 
-def _reason(row: dict, best: dict, hw: Hardware) -> str:
-    limit = row["limit"]
+def _fits(cost, hw: Hardware) -> bool:
+    return cost.memory["total"] <= hw.hbm_bytes
+
+
+def _reason(cost, best, hw: Hardware) -> str:
+    limit = cost.bound.limit
     why = f"limited by {limit}" if "@" in limit or ":" in limit else f"{limit}-bound"
-    if not row["fits"]:
-        gib = human_bytes(row["memory_bytes_per_device"])
+    if not _fits(cost, hw):
+        gib = human_bytes(cost.memory["total"])
         return f"does not fit: {gib} per device > {human_bytes(hw.hbm_bytes)}; {why}"
-    if row is best:
+    if cost is best:
         return f"best: {why}"
-    return f"{row['seconds'] / best['seconds']:.2f}x the best's time; {why}"
+    return f"{cost.bound.overlapped_s / best.bound.overlapped_s:.2f}x the best's time; {why}"

@@ -318,28 +318,29 @@ def explain_text(doc: dict) -> str:
     )
 
 
-def plan_table(cfg: ModelConfig, hw, result: dict, prefill_batch: int) -> str:
+def plan_table(plan, prefill_batch: int) -> str:
+    """`jaxmoe.plan.Plan` as the command prints it: each phase's ranking, then who cannot run."""
+    cfg, hw = plan.config, plan.hardware
     parts = [
         f"plan for {cfg.name}: {cfg.n_layers} layers, D {cfg.d_model}, B {cfg.batch} x S "
         f"{cfg.seq_len}, {cfg.dtype}, on {hw.description} (bounds: nothing run)"
     ]
     for phase in ("prefill", "decode"):
-        rows = sorted((r for r in result["rows"] if r["phase"] == phase), key=lambda r: r["rank"])
         headers = ("rank", "strategy", "bound", "memory/device", "fits", "why")
         body = [
             (
-                str(r["rank"]),
-                r["strategy"],
-                f"{r['tps']:,.0f} tok/s" if phase == "prefill" else f"{r['tpot_ms']:.3g} ms",
-                human_bytes(r["memory_bytes_per_device"]),
-                "yes" if r["fits"] else "NO",
-                r["reason"],
+                str(r.rank),
+                r.strategy,
+                f"{r.tps:,.0f} tok/s" if phase == "prefill" else f"{r.tpot_ms:.3g} ms",
+                human_bytes(r.memory_bytes_per_device),
+                "yes" if r.fits else "NO",
+                r.reason,
             )
-            for r in rows
+            for r in plan.ranking(phase)
         ]
         batch = min(cfg.batch, prefill_batch) if phase == "prefill" else cfg.batch
         unit = "tokens/s" if phase == "prefill" else "ms per output token"
         parts.append(f"{phase} (B {batch}, {unit}):\n\n{table(headers, body)}")
-    for name, reason in result["cannot_split"].items():
+    for name, reason in plan.cannot_split.items():
         parts.append(f"{name}: cannot run this model: {reason}")
     return "\n\n".join(parts)

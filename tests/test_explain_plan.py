@@ -16,7 +16,7 @@ STRATEGIES = list(meshes.REGISTRY.values())
 
 @pytest.mark.parametrize("strategy", STRATEGIES, ids=[s.name for s in STRATEGIES])
 def test_explain_gives_the_golden_partition_specs(strategy):
-    doc = explain(tiny(True, moe_every=2, n_layers=4), strategy, jax.devices()[:DEVICES])
+    doc = explain(tiny(True, moe_every=2, n_layers=4), strategy, jax.devices()[:DEVICES]).to_json()
     golden = json.loads((GOLDEN / f"{strategy.name.replace(':', '-')}.json").read_text())
     assert {p["path"]: p["spec"] for p in doc["parameters"]} == golden
     by_path = {p["path"]: p for p in doc["parameters"]}
@@ -29,7 +29,7 @@ def test_explain_gives_the_golden_partition_specs(strategy):
 
 def test_explain_ep16_names_its_all_to_alls_per_layer():
     cfg = tiny(True)
-    doc = explain(cfg, meshes.get("ep16"), jax.devices()[:DEVICES])
+    doc = explain(cfg, meshes.get("ep16"), jax.devices()[:DEVICES]).to_json()
     per_layer = [c for c in doc["collectives"] if c["where"] == "per layer"]
     a2a = [c for c in per_layer if c["kind"] == "all-to-all"]
     assert len(a2a) == 1 and a2a[0]["axes"] == "expert" and a2a[0]["count"] == 2
@@ -97,7 +97,7 @@ def test_explain_ma_separation_gives_its_golden_partition_specs():
     import os
 
     cfg = tiny(True, moe_every=2, n_layers=4, micro_batches=2)
-    doc = explain(cfg, meshes.get("ma_separation"), jax.devices()[:DEVICES])
+    doc = explain(cfg, meshes.get("ma_separation"), jax.devices()[:DEVICES]).to_json()
     specs = {f"{p['path']} [{p['mesh']}]": p["spec"] for p in doc["parameters"]}
     path = GOLDEN / "ma_separation.json"
     if os.environ.get("JAXMOE_UPDATE_GOLDEN"):

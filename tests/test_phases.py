@@ -76,7 +76,7 @@ def test_a_strategy_gathers_its_tensor_split_weights_nowhere_in_training(train_r
 @pytest.mark.parametrize(("name", "phase"), [("ep16", "decode"), ("ma_separation", "decode")])
 def test_explain_takes_a_phase_for_both_kinds_of_layout(name, phase):
     cfg = tiny(micro_batches=2)
-    doc = explain(cfg, meshes.get(name), jax.devices()[:DEVICES], phase)
+    doc = explain(cfg, meshes.get(name), jax.devices()[:DEVICES], phase).to_json()
     assert doc["phase"] == phase and doc["parameters"] and doc["collectives"]
     parts = " ".join(doc["memory_per_device"])
     assert ("gradients" in parts) == (phase == "train"), parts
