@@ -191,7 +191,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes.setFormatter(logging.Formatter("note: %(message)s"))  # fields, a damaged checkpoint)
     library = logging.getLogger("jaxmoe")
     library.addHandler(notes)
-    library.propagate = False  # another library's root handler would print them twice
+    propagate, library.propagate = library.propagate, False  # a root handler would print twice
+    try:
+        return _run(args)
+    finally:  # called again in the same process (tests, notebooks), it adds no second handler
+        library.removeHandler(notes)
+        library.propagate = propagate
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "train":
             train_cmd.run(args)

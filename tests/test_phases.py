@@ -16,61 +16,41 @@ from jaxmoe.report import compare_table
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = list(meshes.LAYOUTS)
-# the training steps are compiled once, on one worker, for every test that reads them
-pytestmark = pytest.mark.xdist_group("training_steps")
 
 
-@pytest.fixture(scope="module")
-def train_reports():
+def test_every_layouts_training_step_through_the_interface():
+    """One test, so the six training steps are compiled once (on one worker): each reduces
+    gradients and holds Adam's state; the table shows each step against its textbook volume;
+    the separated meshes move twice what the forward pass moves."""
     cfg = tiny(micro_batches=2)
     layouts = list(meshes.LAYOUTS.values())
-    return cfg, {
+    reports = {
         r.strategy: r for r in compare_strategies(cfg, layouts, jax.devices(), phase="train")
     }
+    assert list(reports) == NAMES
+    for name, r in reports.items():
+        assert r.phase == "train", name
+        # every layout keeps a copy of some parameter on several devices (the norms, at least):
+        # their gradients are summed by an all-reduce in the compiled step
+        assert r.per_layer.get("all-reduce", (0, 0))[0] > 0, name
+        memory = r.memory
+        assert memory["gradients"] == memory["parameters"] > 0, name
+        assert memory["optimizer_state"] >= 2 * memory["parameters"], name  # Adam's moments
+        assert memory["total"] >= memory["parameters"] + memory["activations"], name
+        assert r.textbook_bytes_per_layer > 0, name
+    # ep16 copies the attention weights on every device, tp16 splits every weight matrix
+    assert reports["ep16"].memory["parameters"] > reports["tp16"].memory["parameters"]
 
-
-@pytest.mark.parametrize("name", NAMES)
-def test_the_training_step_reduces_gradients_and_holds_adam(train_reports, name):
-    _, reports = train_reports
-    r = reports[name]
-    assert r.phase == "train"
-    # every layout keeps a copy of some parameter on several devices (the norms, at least):
-    # their gradients are summed by an all-reduce in the compiled step
-    assert r.per_layer.get("all-reduce", (0, 0))[0] > 0
-    memory = r.memory
-    assert memory["gradients"] == memory["parameters"] > 0
-    assert memory["optimizer_state"] >= 2 * memory["parameters"]  # Adam's two moments
-    assert memory["total"] >= memory["parameters"] + memory["activations"]
-    assert r.textbook_bytes_per_layer > 0
-
-
-def test_the_training_table_shows_every_layouts_step_and_textbook(train_reports):
-    cfg, reports = train_reports
     text = compare_table(cfg, list(reports.values()))
     assert "training step" in text and "textbook/layer" in text
     for name in NAMES:  # each row: its collectives, bytes, textbook, memory by part
         row = next(line for line in text.splitlines() if line.startswith(f"{name} "))
         assert row.count("iB") >= 7, row
 
-
-def test_training_moves_twice_what_the_forward_pass_moves_between_separated_meshes(
-    train_reports,
-):
-    cfg, reports = train_reports
     forward = meshes.get("ma_separation").lay_out(cfg, jax.devices()).cost("forward")
     train = reports["ma_separation"]
     assert train.per_layer["transfer"][0] == 2 * forward.per_layer["transfer"][0]
     assert train.per_layer["transfer"][1] == 2 * forward.per_layer["transfer"][1]
-
-
-def test_a_strategy_gathers_its_tensor_split_weights_nowhere_in_training(train_reports):
-    """tp16 splits every weight matrix: its step's gradients are reduced over small copies only
-    (norm scales, biases), far less than data parallelism's whole-model all-reduce (ep16's
-    attention weights are copied on every device)."""
-    _, reports = train_reports
-    tp, ep = reports["tp16"], reports["ep16"]
-    assert tp.per_layer["all-reduce"][1] > 0 and ep.per_layer["all-reduce"][1] > 0
-    assert ep.memory["parameters"] > tp.memory["parameters"]
 
 
 @pytest.mark.parametrize(("name", "phase"), [("ep16", "decode"), ("ma_separation", "decode")])
