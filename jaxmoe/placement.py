@@ -132,5 +132,12 @@ def param_bytes_per_device(compiled: jax.stages.Compiled, abstract: nnx.State) -
     )
 
 
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of these abstract arrays, from their shardings."""
+    return sum(
+        math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree)
+    )
+
+
 def param_bytes_total(abstract: nnx.State) -> int:
     return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(abstract))

@@ -31,18 +31,12 @@ from jaxmoe.placement import (
     param_bytes_per_device,
     param_bytes_total,
     place,
+    shard_bytes,
 )
 from jaxmoe.sharding import Strategy
 from jaxmoe.timer import Timing, time_calls
 from jaxmoe.train.recipe import TrainConfig
 from jaxmoe.train.steps import Trainer, make_trainer
-
-
-def shard_bytes(tree) -> int:
-    """Bytes one device holds of these abstract arrays, from their shardings."""
-    return sum(
-        math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree)
-    )
 
 
 def gradient_sync_bytes(abstract_params) -> float:

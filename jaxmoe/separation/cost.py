@@ -29,6 +29,7 @@ from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.analysis.memory import memory_per_device
 from jaxmoe.analysis.roofline import Bound, program_bound
 from jaxmoe.model import KV
+from jaxmoe.placement import shard_bytes
 from jaxmoe.separation.runner import Separated
 
 
@@ -209,13 +210,6 @@ def like(compiled: jax.stages.Compiled, index: int):
     return jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
         compiled.out_info[index],
-    )
-
-
-def shard_bytes(tree) -> int:
-    """Bytes one device holds of these abstract arrays, from their shardings."""
-    return sum(
-        math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree)
     )
 
 

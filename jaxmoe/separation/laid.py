@@ -24,7 +24,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.explain import collectives_by_place, named, parameters
 from jaxmoe.inference import Decoder
 from jaxmoe.layout import Phase, ProgramCost, textbook_per_layer
-from jaxmoe.placement import abstract_model, init_params, param_bytes_total
+from jaxmoe.placement import abstract_model, init_params, param_bytes_total, shard_bytes
 from jaxmoe.separation import cost
 from jaxmoe.separation.layout import Separation
 from jaxmoe.separation.runner import INTER_MESH, Separated
@@ -98,8 +98,8 @@ class SeparatedRun:
         per_layer["fanout"] = (calls_per_layer, moved.get("fanout", 0.0) / (a + x))
         params = run.abstract_params()
         held = {
-            "attention": cost.shard_bytes((params.outer, params.attention)),
-            "experts": cost.shard_bytes(params.experts),
+            "attention": shard_bytes((params.outer, params.attention)),
+            "experts": shard_bytes(params.experts),
         }
         textbook = sep.transfer_bytes(cfg) * 2 * passes * cfg.n_moe_layers / cfg.n_layers
         volume = textbook_per_layer(cfg, sep)
@@ -172,7 +172,7 @@ class SeparatedRun:
         p_state, o_state = trainer.abstract_state
         sides = ((p_state.outer, p_state.attention), p_state.experts)
         scale = jax.ShapeDtypeStruct((), jnp.float32)
-        optimizer = (cost.shard_bytes(o_state[0]), cost.shard_bytes(o_state[1]))
+        optimizer = (shard_bytes(o_state[0]), shard_bytes(o_state[1]))
         return forward | {
             "head_grads": prog.head_grads.lower(params.outer, x, y, goal, weight).compile(),
             "expert_grads": prog.expert_grads.lower(
