@@ -3,12 +3,14 @@
 Devices of a mesh are the profile's GPUs in order, `per_node` to a node: a collective whose
 group stays in one node runs over NVLink, one that spans nodes is timed as NCCL's hierarchical
 algorithms run it (inside each node over NVLink, between nodes over the network, one GPU per node
-and local rank talking to its peers).
+and local rank talking to its peers). Besides the file's fixed profiles, `get` builds a cluster of
+any size of a GPU of the file from its name: `h100x64` (nodes of 8), `h100x64n4`, `b200x72n72`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Sequence
 from math import inf
@@ -18,11 +20,13 @@ from jaxmoe.analysis.collectives import Collective
 from jaxmoe.config import ConfigError
 
 PROFILES = Path(__file__).resolve().parent.parent / "assets" / "hardware.toml"
+_CLUSTER = re.compile(r"([a-z][a-z0-9]*?)x(\d+)(?:n(\d+))?")  # <gpu>x<count>[n<per_node>]
 
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
     name: str
+    gpu: str  # its short name, the key of [gpus] in the file
     description: str
     count: int  # GPUs
     per_node: int
@@ -44,10 +48,9 @@ class Hardware:
         """One line when the layouts span more devices than the profile has GPUs (their
         collectives would be timed on links that are not there)."""
         if self.count < n:
-            larger = sorted(name for name, p in profiles().items() if p.count >= n)
             raise ConfigError(
                 f"{flag} {self.name}: the profile has {self.count} GPU(s), the layouts span {n}; "
-                f"choose a profile of {n} or more: {', '.join(larger)}"
+                f"choose a profile of {n} or more, e.g. {_cluster_name(self.gpu, n)}"
             )
 
     def collective_seconds(self, c: Collective) -> float:
@@ -92,34 +95,82 @@ class Hardware:
 
 
 def profiles(path: Path = PROFILES) -> dict[str, Hardware]:
-    """Every profile of the file; a file with a syntax error, a missing or a non-positive figure
-    gets one line naming the entry and the key."""
+    """Every fixed profile of the file; a file with a syntax error, a missing or a non-positive
+    figure gets one line naming the entry and the key."""
+    return _profiles(_load(path), path)
+
+
+def get(name: str) -> Hardware:
+    """The named profile of the file, else the cluster the name spells (`<gpu>x<count>`, nodes of
+    min(8, count), or `<gpu>x<count>n<per_node>`); a one-line ConfigError naming the fix."""
+    data = _load(PROFILES)
+    known = _profiles(data, PROFILES)
+    if name in known:
+        return known[name]
+    gpus = data.get("gpus", {})
+    match = _CLUSTER.fullmatch(name)
+    if match is None:
+        raise ConfigError(
+            f"unknown hardware profile {name!r}; choose one of {sorted(known)} or name a cluster "
+            "<gpu>x<count>[n<per_node>], e.g. h100x64 or b200x72n72"
+        )
+    gpu, count = match[1], int(match[2])
+    if gpu not in gpus:
+        raise ConfigError(
+            f"hardware {name!r}: unknown GPU {gpu!r}; choose one of {', '.join(sorted(gpus))} "
+            f"or add it to [gpus] of {PROFILES}"
+        )
+    if count < 1:
+        raise ConfigError(f"hardware {name!r}: {count} GPUs; name at least 1, e.g. {gpu}x8")
+    per_node = int(match[3]) if match[3] else min(8, count)
+    if not 1 <= per_node <= count or count % per_node:
+        raise ConfigError(
+            f"hardware {name!r}: nodes of {per_node} do not divide {count} GPUs; "
+            f"choose e.g. {_cluster_name(gpu, count)}"
+        )
+    return _hardware(data, PROFILES, name, gpu, count, per_node)
+
+
+def _cluster_name(gpu: str, count: int) -> str:
+    """The name of `count` GPUs in the largest nodes of at most 8 that divide it."""
+    per_node = max(d for d in range(1, min(8, count) + 1) if count % d == 0)
+    return f"{gpu}x{count}" + ("" if per_node == min(8, count) else f"n{per_node}")
+
+
+def _load(path: Path) -> dict:
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"hardware profiles {path}: {err}; fix the file") from None
-    gpus = data.get("gpus", {})
-    found = {}
+
+
+def _profiles(data: dict, path: Path) -> dict[str, Hardware]:
+    gpus, figure, found = data.get("gpus", {}), _reader(path), {}
     for name, p in data.get("profiles", {}).items():
         if p.get("gpu") not in gpus:
             raise ConfigError(f"profile {name} names gpu {p.get('gpu')!r}, not in [gpus] of {path}")
-        gpu = gpus[p["gpu"]]
-        figure = _reader(path)
-        found[name] = Hardware(
-            name=name,
-            description=gpu.get("description", p["gpu"]),
-            count=int(figure(p, f"profiles.{name}", "count")),
-            per_node=int(figure(p, f"profiles.{name}", "per_node")),
-            matmul_flops={
-                k: figure(gpu["matmul_flops"], f"gpus.{p['gpu']}.matmul_flops", k)
-                for k in (gpu.get("matmul_flops") or {})
-            },
-            **{
-                key: figure(gpu, f"gpus.{p['gpu']}", key)
-                for key in ("hbm_bytes", "hbm_bandwidth", "nvlink_bandwidth", "network_bandwidth")
-            },
-        )
+        count, per_node = (int(figure(p, f"profiles.{name}", k)) for k in ("count", "per_node"))
+        found[name] = _hardware(data, path, name, p["gpu"], count, per_node)
     return found
+
+
+def _hardware(data: dict, path: Path, name: str, gpu: str, count: int, per_node: int) -> Hardware:
+    table, figure = data["gpus"][gpu], _reader(path)
+    return Hardware(
+        name=name,
+        gpu=gpu,
+        description=table.get("description", gpu),
+        count=count,
+        per_node=per_node,
+        matmul_flops={
+            k: figure(table["matmul_flops"], f"gpus.{gpu}.matmul_flops", k)
+            for k in (table.get("matmul_flops") or {})
+        },
+        **{
+            key: figure(table, f"gpus.{gpu}", key)
+            for key in ("hbm_bytes", "hbm_bandwidth", "nvlink_bandwidth", "network_bandwidth")
+        },
+    )
 
 
 def _reader(path: Path):
@@ -132,11 +183,3 @@ def _reader(path: Path):
         return float(value)
 
     return figure
-
-
-def get(name: str) -> Hardware:
-    """The named profile, or a one-line ConfigError listing the choices."""
-    known = profiles()
-    if name not in known:
-        raise ConfigError(f"unknown hardware profile {name!r}; choose one of {sorted(known)}")
-    return known[name]
