@@ -34,6 +34,9 @@ class Claim:
     tps: float | None = None  # tokens per second as the paper reports them
     tpot_ms: float | None = None  # time per output token, milliseconds
     source: str = ""  # the paper's words, quoted briefly, with the section or table
+    # the full-size model the figure is for when it is not the experiment's own (its dense twin,
+    # another sequence length): bounded at full scale only, beside the experiment's own model
+    model: ModelConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,35 @@ class Experiment:
 
     def config(self, scale: Literal["tiny", "full"]) -> ModelConfig:
         return self.tiny if scale == "tiny" else self.full
+
+    def models(self) -> dict[ModelConfig, str | None]:
+        """The full-size models its claims are for, its own first, each named by what sets it
+        apart from the others (dense or MoE, layers, width, sequence length, batch; None when
+        there is only its own)."""
+        models = list(dict.fromkeys([self.full, *(c.model or self.full for c in self.claims)]))
+        if len(models) == 1:
+            return {self.full: None}
+        parts = [[_describe(m, field) for field in _DESCRIBED] for m in models]
+        varying = [i for i in range(len(_DESCRIBED)) if len({p[i] for p in parts}) > 1]
+        labels = [", ".join(p[i] for i in varying) for p in parts]
+        if len(set(labels)) < len(labels) or "" in labels:
+            raise ConfigError(
+                f"{self.name}: its claims' models differ in more than {', '.join(_DESCRIBED)} "
+                f"({labels}); make them differ in one of these"
+            )
+        return dict(zip(models, labels, strict=True))
+
+
+_DESCRIBED = ("moe_every", "n_layers", "d_model", "seq_len", "batch")
+
+
+def _describe(cfg: ModelConfig, field: str) -> str:
+    if field == "moe_every":
+        return "MoE" if cfg.is_moe else "dense"
+    value = getattr(cfg, field)
+    return {"n_layers": f"{value} layers", "d_model": f"D {value}", "seq_len": f"S {value}"}.get(
+        field, f"B {value}"
+    )
 
 
 def shrink(full: ModelConfig) -> ModelConfig:
@@ -84,45 +116,75 @@ def experiment_rows(
 ) -> list[dict]:
     """Each strategy the paper compares, per phase: its bound on `hw` (and, with `measure`, its
     time on `devices` and whether its greedy tokens are one device's), memory per device, the
-    paper's claim beside them; a strategy that cannot lay the model out gets its reason."""
+    paper's claim beside them; a strategy that cannot lay the model out gets its reason.
+
+    At full scale, claims for other models (`Claim.model`) follow: each strategy and phase they
+    claim, compiled for that model (phases and strategies it claims nothing for are skipped)."""
     cfg = exp.config(scale)
     reference = _one_device_tokens(cfg) if measure else None
+    models = exp.models() if scale == "full" else {cfg: None}
     rows = []
-    for name in exp.strategies:
-        strategy = catalogue.layout(name)
-        try:
-            for sized in (cfg, cfg.replace(batch=min(cfg.batch, PREFILL_BATCH))):
-                strategy.check(sized, len(devices))
-        except ConfigError as err:
-            rows += [_unbuilt(exp, name, p, str(err), scale) for p in ("prefill", "decode")]
-            continue
-        costs = phase_costs(
-            cfg,
-            strategy,
-            devices,
-            hw,
-            prefill_batch=min(cfg.batch, PREFILL_BATCH),
-            measure=measure,
-        )
-        same = None if reference is None else _same_tokens(cfg, strategy, devices, reference)
-        rows += [_row(exp, name, cost, hw, same, scale) for cost in costs]
-    for name in sorted({c.strategy for c in exp.claims} - set(exp.strategies)):
-        reason = f"{name} is not built yet: the paper's claim is shown without a bound"
-        rows += [_unbuilt(exp, name, p, reason, scale) for p in ("prefill", "decode")]
+    for model, label in models.items():
+        own = model == cfg
+        for name in exp.strategies:
+            phases = [p for p in PHASES if own or _claimed(exp, name, p, model)]
+            if phases:
+                rows += _strategy_rows(
+                    exp, name, model, label, phases, hw, measure, devices, reference, scale
+                )
+        claimed = {c.strategy for c in exp.claims if (c.model or exp.full) == model}
+        for name in sorted(claimed - set(exp.strategies)):
+            reason = f"{name} is not built yet: the paper's claim is shown without a bound"
+            rows += [_unbuilt(exp, name, p, reason, scale, model, label) for p in PHASES]
     return rows
 
 
-def _claimed(exp: Experiment, strategy: str, phase: str) -> dict | None:
-    claims = [c for c in exp.claims if c.strategy == strategy]
-    if not claims:
-        return None
-    claim = claims[0]
-    figures: dict = {"source": claim.source}
-    if claim.tps is not None and exp.phase_of_tps == phase:
-        figures["tps"] = claim.tps
-    if claim.tpot_ms is not None and phase == "decode":
-        figures["tpot_ms"] = claim.tpot_ms
-    return figures if len(figures) > 1 else None
+PHASES = ("prefill", "decode")
+
+
+def _strategy_rows(exp, name, cfg, label, phases, hw, measure, devices, reference, scale):
+    strategy = catalogue.layout(name)
+    batches = {"prefill": min(cfg.batch, PREFILL_BATCH), "decode": cfg.batch}
+    try:
+        for batch in {batches[p] for p in phases}:
+            strategy.check(cfg.replace(batch=batch), len(devices))
+    except ConfigError as err:
+        return [_unbuilt(exp, name, p, str(err), scale, cfg, label) for p in phases]
+    if list(phases) == list(PHASES):
+        costs = phase_costs(
+            cfg, strategy, devices, hw, prefill_batch=batches["prefill"], measure=measure
+        )
+    else:  # phase_costs, for the phases claimed only
+        costs = [
+            strategy.lay_out(cfg.replace(batch=batches[p]), devices).phase_cost(p, hw, measure)
+            for p in phases
+        ]
+    same = None if reference is None else _same_tokens(cfg, strategy, devices, reference)
+    return [_row(exp, name, cost, hw, same, scale, cfg, label) for cost in costs]
+
+
+def _claimed(exp: Experiment, strategy: str, phase: str, model: ModelConfig) -> dict | None:
+    """The figures the paper claims for `strategy` on `model` in `phase` (several claims for
+    one model, from different tables, are merged: they must agree)."""
+    figures: dict = {}
+    sources = []
+    for claim in exp.claims:
+        if claim.strategy != strategy or (claim.model or exp.full) != model:
+            continue
+        found = {}
+        if claim.tps is not None and exp.phase_of_tps == phase:
+            found["tps"] = claim.tps
+        if claim.tpot_ms is not None and phase == "decode":
+            found["tpot_ms"] = claim.tpot_ms
+        for key, value in found.items():
+            if figures.setdefault(key, value) != value:
+                raise ConfigError(
+                    f"{exp.name}: two claims for {strategy} on one model disagree on {key} "
+                    f"({figures[key]} and {value})"
+                )
+        if found:
+            sources.append(claim.source)
+    return {"source": "; ".join(sources), **figures} if figures else None
 
 
 def _exceeds(claimed: dict | None, bound: dict) -> bool:
@@ -133,13 +195,13 @@ def _exceeds(claimed: dict | None, bound: dict) -> bool:
     return bool(too_fast or too_short)
 
 
-def _row(exp, strategy, cost: PhaseCost, hw: Hardware, same_tokens: bool | None, scale) -> dict:
+def _row(exp, strategy, cost: PhaseCost, hw: Hardware, same_tokens, scale, model, label) -> dict:
     b = cost.bound
     bound = {**cost.rate(b.overlapped_s), "overlapped": True, "seconds": b.overlapped_s}
     bound.setdefault("tpot_ms", None)
     serial = {**cost.rate(b.serial_s), "overlapped": False, "seconds": b.serial_s}
     # a paper's figures are for its full-size model: the tiny one is not held to them
-    claimed = _claimed(exp, strategy, cost.phase) if scale == "full" else None
+    claimed = _claimed(exp, strategy, cost.phase, model) if scale == "full" else None
     measured = None
     if cost.measured is not None:
         measured = {**cost.rate(cost.measured.median), **cost.measured.summary()}
@@ -149,8 +211,10 @@ def _row(exp, strategy, cost: PhaseCost, hw: Hardware, same_tokens: bool | None,
     memory = cost.memory["total"]
     return {
         "strategy": strategy,
+        "model": label,  # which of the experiment's models (None: it has one)
         "phase": cost.phase,
         "batch": cost.batch,
+        "seq_len": model.seq_len,
         "measured": measured,
         "bound": bound,
         "bound_serial": serial,
@@ -165,13 +229,15 @@ def _row(exp, strategy, cost: PhaseCost, hw: Hardware, same_tokens: bool | None,
     }
 
 
-def _unbuilt(exp, strategy: str, phase: str, reason: str, scale: str) -> dict:
+def _unbuilt(exp, strategy: str, phase: str, reason: str, scale: str, model, label) -> dict:
     return {
         "strategy": strategy,
+        "model": label,
         "phase": phase,
+        "seq_len": model.seq_len,
         "measured": None,
         "bound": None,
-        "claimed": _claimed(exp, strategy, phase) if scale == "full" else None,
+        "claimed": _claimed(exp, strategy, phase, model) if scale == "full" else None,
         "claim_exceeds_bound": False,
         "memory_bytes_per_device": None,
         "fits": None,

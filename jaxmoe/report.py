@@ -179,8 +179,10 @@ def _claim_cell(claimed: dict | None) -> str:
 
 def experiment_table(exp, scale: str, hw, rows: Sequence[dict]) -> str:
     cfg = exp.config(scale)
+    models = any(r.get("model") for r in rows)  # claims for the paper's other models: a column
     headers = (
         "strategy",
+        *(("model",) if models else ()),
         "phase",
         "measured here",
         f"bound {hw.name}",
@@ -193,9 +195,10 @@ def experiment_table(exp, scale: str, hw, rows: Sequence[dict]) -> str:
     )
     body, errors = [], {}
     for r in rows:
+        first = (r["strategy"], *((r.get("model") or "-",) if models else ()))
         if r.get("error"):
-            errors[r["strategy"]] = r["error"]
-            body.append((r["strategy"], r["phase"], "-", "-", "-", "(see below)",
+            errors[" ".join(first) if models else r["strategy"]] = r["error"]
+            body.append((*first, r["phase"], "-", "-", "-", "(see below)",
                          _claim_cell(r["claimed"]), "-", "-", "-"))  # fmt: skip
             continue
         measured = _rate(r["measured"], r["phase"])
@@ -204,7 +207,7 @@ def experiment_table(exp, scale: str, hw, rows: Sequence[dict]) -> str:
         memory = r["memory_bytes_per_device"]
         body.append(
             (
-                r["strategy"],
+                *first,
                 f"{r['phase']} (B {r['batch']})",
                 measured,
                 _rate(r["bound"], r["phase"]),
@@ -232,6 +235,12 @@ def experiment_table(exp, scale: str, hw, rows: Sequence[dict]) -> str:
         "compute); prefill in tokens/s, decode in ms per output token at a full cache of S "
         "positions; measured: median on this machine's CPU devices"
     )
+    if models:
+        own = next(r["model"] for r in rows if r.get("model"))
+        legend += (
+            f"; model: {own} is the one above, the others differ from it only as named (each "
+            "compiled for the strategies and phases the paper claims for it)"
+        )
     notes = "".join(f"\n{name}: {error}" for name, error in errors.items())
     return f"{title}\n\n{table(headers, body)}\n\n{legend}{notes}"
 

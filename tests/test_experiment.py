@@ -14,10 +14,26 @@ def experiment(tmp_path, *args):
     return json.loads(out.read_text())
 
 
-def rows_of(doc, strategy, phase):
-    found = [r for r in doc["rows"] if r["strategy"] == strategy and r["phase"] == phase]
+def rows_of(doc, strategy, phase, model=None):
+    """The one row of `strategy` in `phase` on `model` (default: the experiment's own model)."""
+    model = model or doc["rows"][0]["model"]
+    found = [
+        r
+        for r in doc["rows"]
+        if (r["strategy"], r["phase"], r["model"]) == (strategy, phase, model)
+    ]
     assert len(found) == 1
     return found[0]
+
+
+def assert_claim_beside_bound(row, **claimed):
+    """The row's claim is the paper's figures, its bound computed, and the claim flagged exactly
+    when it beats the bound."""
+    assert {k: row["claimed"][k] for k in claimed} == claimed
+    bound = row["bound"]
+    assert bound and bound["seconds"] > 0 and row["fits"] is not None
+    beats = claimed.get("tps", 0) > bound["tps"] or claimed.get("tpot_ms", 1e9) < bound["tpot_ms"]
+    assert row["claim_exceeds_bound"] is beats
 
 
 def test_paper000_full_flags_the_impossible_claims(tmp_path, capsys):
@@ -78,9 +94,10 @@ def test_device_reports_its_share_of_the_bound(tmp_path):
         )
 
 
-def test_paper001_full_bounds_ma_separation(tmp_path):
+def test_paper001_full_bounds_ma_separation(tmp_path, capsys):
     """The paper's own layout gets its bound from its compiled pieces; its claimed decode TPOT
-    (1.82 ms at B 1024 x S 2048) is below what the 16 A100s can do."""
+    (1.82 ms at B 1024 x S 2048) is below what the 16 A100s can do; so is each TPOT 5.7 claims
+    at another sequence length, bounded for that length (decode only: nothing else claimed)."""
     doc = experiment(tmp_path, "paper001", "--scale", "full")
     decode = rows_of(doc, "ma_separation", "decode")
     assert decode["claimed"]["tpot_ms"] == 1.82 and decode["claim_exceeds_bound"] is True
@@ -92,3 +109,38 @@ def test_paper001_full_bounds_ma_separation(tmp_path):
     prefill = rows_of(doc, "ma_separation", "prefill")
     tp = rows_of(doc, "tp8_pp2", "prefill")
     assert prefill["bound"]["tps"] > 0 and tp["bound"]["tps"] > 0
+    assert decode["model"] == "S 2048" and "Table 1" in decode["claimed"]["source"]
+    assert "5.7" in decode["claimed"]["source"]  # 5.7's 2048 figure is Table 1's, one row
+    bounds = []
+    for seq_len, tpot in ((512, 0.89), (1024, 1.21), (2048, 1.82), (4096, 3.41)):
+        row = rows_of(doc, "ma_separation", "decode", f"S {seq_len}")
+        assert (row["seq_len"], row["batch"]) == (seq_len, 1024)
+        assert_claim_beside_bound(row, tpot_ms=tpot)
+        bounds.append(row["bound"]["tpot_ms"])
+    assert bounds == sorted(bounds)  # a longer cache is never faster to read
+    assert len(doc["rows"]) == 4 + 3  # the S 512, 1024 and 4096 models: their decode rows only
+    assert {r["seq_len"] for r in doc["rows"] if r["phase"] == "prefill"} == {2048}
+    out = capsys.readouterr().out
+    assert " model " in out and "S 4096" in out and "3.41 ms" in out
+
+
+def test_paper004_full_bounds_dense_and_moe(tmp_path, capsys):
+    """Both models of the paper's results table: the 4-layer MoE and the same model dense, each
+    claim beside the bound compiled for its own model."""
+    doc = experiment(tmp_path, "paper004", "--scale", "full")
+    assert doc["config"]["moe_every"] == 1
+    claims = {
+        ("tp8_pp2", "MoE"): (850_000, 0.45),
+        ("heads_dims_4x4", "MoE"): (1_150_000, 0.30),
+        ("tp8_pp2", "dense"): (1_200_000, 0.35),
+        ("heads_dims_4x4", "dense"): (1_580_000, 0.22),
+    }
+    for (strategy, model), (tps, tpot) in claims.items():
+        assert_claim_beside_bound(rows_of(doc, strategy, "prefill", model), tps=tps)
+        assert_claim_beside_bound(rows_of(doc, strategy, "decode", model), tpot_ms=tpot)
+    assert len(doc["rows"]) == 8
+    dense = rows_of(doc, "tp8_pp2", "decode", "dense")
+    moe = rows_of(doc, "tp8_pp2", "decode", "MoE")
+    assert dense["memory"] != moe["memory"]  # another program: no experts
+    assert "dense" in capsys.readouterr().out
+    assert (tmp_path / "paper004_full.png").stat().st_size > 10_000

@@ -1,11 +1,16 @@
-"""The papers' experiments: configs construct, tiny ones run under each of their strategies."""
+"""The papers' experiments: configs construct, claims are the papers' figures (read from their
+text), tiny ones run under each of their strategies."""
+
+import dataclasses
+import re
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 import meshes
-from experiments.papers import registry
+from experiments.papers import Claim, registry
 from jaxmoe.compare import random_tokens
 from jaxmoe.config import ConfigError
 from jaxmoe.placement import init_params
@@ -13,6 +18,24 @@ from jaxmoe.placement import init_params
 EXPERIMENTS = list(registry.EXPERIMENTS.values())
 PAIRS = [(e, s) for e in EXPERIMENTS for s in e.strategies]
 PAIR_IDS = [f"{e.name}-{s}" for e, s in PAIRS]
+PAPERS = Path(__file__).resolve().parents[2] / "shared" / "papers"  # the source documents
+
+
+def paper_text(exp) -> str:
+    path = PAPERS / exp.paper
+    if not path.exists():
+        pytest.skip(f"the source papers are not here ({path})")
+    return path.read_text()
+
+
+def claims_on(exp, strategy, **fields):
+    """The claims for `strategy` on the model with these fields (its own model if none differ)."""
+    return [
+        c
+        for c in exp.claims
+        if c.strategy == strategy
+        and all(getattr(c.model or exp.full, k) == v for k, v in fields.items())
+    ]
 
 
 def test_five_papers_by_name():
@@ -46,6 +69,59 @@ def test_claims_name_compared_strategies(exp):
         assert claim.strategy in exp.strategies
         assert claim.tps or claim.tpot_ms
         assert claim.source
+
+
+def test_claims_for_other_models_fit_their_strategy():
+    for exp in EXPERIMENTS:
+        for claim in exp.claims:
+            if claim.model is not None:
+                assert claim.model.name == exp.name  # the same model, another configuration
+                for batch in (claim.model.batch, 16):  # decode, and prefill's 16 sequences
+                    meshes.get(claim.strategy).check(claim.model.replace(batch=batch), 16)
+
+
+def test_paper004_claims_are_its_results_table():
+    """Every row of the paper's results table (dense and MoE, baseline and proposed) is a claim
+    on the model it names, read from the paper's text."""
+    exp = registry.get("paper004")
+    rows = re.findall(
+        r"^\| 4-layer (Dense|MoE) \| (Baseline|Proposed) \(.*?\) \| ([\d,]+) \| ([\d.]+) \|$",
+        paper_text(exp),
+        re.MULTILINE,
+    )
+    assert len(rows) == 4
+    strategy = {"Baseline": "tp8_pp2", "Proposed": "heads_dims_4x4"}
+    for kind, method, tps, tpot in rows:
+        moe_every = 0 if kind == "Dense" else 1
+        claims = claims_on(exp, strategy[method], moe_every=moe_every)
+        assert [(c.tps, c.tpot_ms) for c in claims] == [(int(tps.replace(",", "")), float(tpot))]
+        assert f"4-layer {kind}" in claims[0].source and method in claims[0].source
+    assert len(exp.claims) == 4
+    dense = claims_on(exp, "tp8_pp2", moe_every=0)[0].model
+    assert dense == exp.full.replace(moe_every=0)  # the same 4 layers, every MLP dense
+    assert list(exp.models().values()) == ["MoE", "dense"]
+
+
+def test_paper001_claims_its_tpot_by_sequence_length():
+    """5.7's TPOT at each sequence length is a claim for MA Separation at that length (B 1024)."""
+    exp = registry.get("paper001")
+    section = paper_text(exp).split("### 5.7")[1].split("###")[0]
+    block = section.split("tpot_ms:")[1].split("scaling_factor")[0]
+    found = [(int(s), float(t)) for s, t in re.findall(r"^\s+(\d+): ([\d.]+)", block, re.M)]
+    assert [s for s, _ in found] == [512, 1024, 2048, 4096]
+    for seq_len, tpot in found:
+        claims = [c for c in claims_on(exp, "ma_separation", seq_len=seq_len) if "5.7" in c.source]
+        assert [c.tpot_ms for c in claims] == [tpot]
+        assert (claims[0].tps, claims[0].model.batch) == (None, 1024)
+    assert list(exp.models().values()) == ["S 2048", "S 512", "S 1024", "S 4096"]
+
+
+def test_claims_models_must_be_told_apart():
+    exp = registry.get("paper001")
+    other = Claim("tp8_pp2", tpot_ms=1.0, model=exp.full.replace(vocab_size=7))
+    odd = dataclasses.replace(exp, claims=(*exp.claims, other))
+    with pytest.raises(ConfigError, match="claims' models differ in more than"):
+        odd.models()
 
 
 def test_paper000_claims():
