@@ -86,8 +86,11 @@ def check_count(devices: int | None) -> None:
 
 def configure(platform: str | None, cpu_devices: int) -> None:
     """Before any backend starts: `cpu_devices` virtual CPU devices in this process, and nothing
-    but the CPU when `platform` is "cpu" (a GPU is then never initialised)."""
-    jax.config.update("jax_num_cpu_devices", cpu_devices)
+    but the CPU when `platform` is "cpu" (a GPU is then never initialised). Where JAX has
+    already started (a notebook, a test), its CPU devices stay as they are: `attach` checks that
+    there are enough."""
+    with contextlib.suppress(RuntimeError):  # raised once backends are up: the count stays
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
     if platform == "cpu":
         jax.config.update("jax_platforms", "cpu")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -60,6 +61,10 @@ def scan_layers(
 class Strategy:
     """A placement: a mesh shape, logical-to-mesh rules and the textbook traffic of the layout.
 
+    `param_rules` are the rules of parameters where they differ from the activations' (FSDP
+    splits each weight's model width over the devices that split the batch, and gathers it for
+    use); `gathered_axes` are the mesh axes they add.
+
     `textbook_bytes(cfg)` gives the bytes one device should send per layer in the forward pass,
     as `{"dense": ..., "moe": ...}`, from the collective formulas of strategies.md. Where rules
     cannot say it, `run_layers` replaces the scan over the blocks (a pipeline schedule),
@@ -76,10 +81,11 @@ class Strategy:
     run_layers: LayerRunner = scan_layers
     extra_checks: Callable[[ModelConfig], None] = lambda cfg: None
     bubble_fraction: Callable[[ModelConfig], float] = lambda cfg: 0.0
+    param_rules: Rules = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = {axis for axis, _ in self.mesh_shape}
-        for logical, mesh_axes in self.rules.items():
+        for logical, mesh_axes in (*self.rules.items(), *self.param_rules.items()):
             if not isinstance(logical, Axis):
                 raise TypeError(f"{self.name}: rule key {logical!r} is not an Axis")
             unknown = set(mesh_axes) - names
@@ -118,6 +124,11 @@ class Strategy:
     def variants(self, cfg: ModelConfig) -> list[tuple[ModelConfig, str]]:
         return [(cfg, self.name)]
 
+    def estimate(self, cfg: ModelConfig, hw, phase: str):
+        from jaxmoe.estimate import estimate  # it reads this module's strategies
+
+        return estimate(self, cfg, hw, phase)
+
     def lay_out(self, cfg: ModelConfig, devices: Sequence[jax.Device]):
         from jaxmoe.spmd import SpmdRun  # it builds on this module
 
@@ -130,24 +141,42 @@ class Strategy:
         grid = np.asarray(devices, dtype=object).reshape(shape)
         return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
 
-    def spec(self, logical: Sequence[Axis | None]) -> PartitionSpec:
-        """The partition spec of an array whose dimensions have these logical names.
+    @property
+    def weight_rules(self) -> Rules:
+        """The rules of parameters: the activations' with `param_rules` over them."""
+        return {**self.rules, **self.param_rules}
+
+    @property
+    def gathered_axes(self) -> MeshAxes:
+        """Mesh axes that split parameters but not the activations of the same logical axis: a
+        parameter split over them is gathered for use and its gradient reduce-scattered."""
+        found = {
+            a for axis, axes in self.param_rules.items() for a in axes
+            if a not in self.rules.get(axis, ())
+        }  # fmt: skip
+        return tuple(name for name, _ in self.mesh_shape if name in found)
+
+    def spec(self, logical: Sequence[Axis | None], *, param: bool = False) -> PartitionSpec:
+        """The partition spec of an array whose dimensions have these logical names (a
+        parameter's with `param`).
 
         A mesh axis serves the first dimension that asks for it: later dimensions whose rule names
         an axis already used stay unsplit over it (so `[E, G, ...]` is split by experts and
         `[G, E, ...]` by groups when both map to the same mesh axis).
         """
+        rules = self.weight_rules if param else self.rules
         used: set[str] = set()
         parts = []
         for name in logical:
-            axes = tuple(a for a in self.rules.get(name, ()) if a not in used) if name else ()
+            axes = tuple(a for a in rules.get(name, ()) if a not in used) if name else ()
             used.update(axes)
             parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
         return PartitionSpec(*parts)
 
-    def split_factor(self, logical: Axis) -> int:
+    def split_factor(self, logical: Axis, *, param: bool = False) -> int:
         sizes = self.axis_sizes
-        return math.prod(sizes[a] for a in self.rules.get(logical, ()))
+        rules = self.weight_rules if param else self.rules
+        return math.prod(sizes[a] for a in rules.get(logical, ()))
 
 
 # ---- activation constraints -----------------------------------------------------------------
@@ -213,7 +242,7 @@ def param_shardings(state: nnx.State, mesh: Mesh, strategy: Strategy) -> nnx.Sta
     """NamedSharding of every parameter under `strategy`, from its logical axis names."""
 
     def to_sharding(spec: PartitionSpec) -> NamedSharding:
-        return NamedSharding(mesh, strategy.spec(tuple(spec)))
+        return NamedSharding(mesh, strategy.spec(tuple(spec), param=True))
 
     return jax.tree.map(
         to_sharding, logical_specs(state), is_leaf=lambda x: isinstance(x, PartitionSpec)
@@ -248,10 +277,11 @@ def split_sizes(cfg: ModelConfig) -> dict[Axis, tuple[int, str]]:
 def check_divisible(cfg: ModelConfig, strategy: Strategy) -> None:
     """Raise a one-line ConfigError for any size this strategy splits unevenly."""
     strategy.extra_checks(cfg)
-    for logical, (size, field) in split_sizes(cfg).items():
-        factor = strategy.split_factor(logical)
+    for (logical, (size, field)), param in itertools.product(split_sizes(cfg).items(), (0, 1)):
+        factor = strategy.split_factor(logical, param=bool(param))
         if size % factor:
-            mesh_axes = "x".join(strategy.rules[logical])
+            rules = strategy.weight_rules if param else strategy.rules
+            mesh_axes = "x".join(rules[logical])
             raise ConfigError(
                 f"strategy {strategy.name} splits {field}={size} over mesh axes {mesh_axes} "
                 f"({factor} devices), which does not divide it; "

@@ -1,10 +1,12 @@
-"""Strategies: where the model runs. One module per strategy, registered here by name."""
+"""Layouts: where the model runs. Any composition of parallelism axes by name (`dp2_ep8`,
+`fsdp4_tp4`: meshes/compose.py), the papers' layouts by their names (aliases of compositions, over
+16 devices), and ma_separation's two sub-meshes (`ma_separation:A+X/R`)."""
 
 from jaxmoe.config import ConfigError
 from jaxmoe.layout import Layout
 from jaxmoe.separation import Separation
 from jaxmoe.sharding import Strategy
-from meshes import ep16, heads_dims, ma_separation, single, tp8_pp2, tp16
+from meshes import compose, ep16, heads_dims, ma_separation, single, tp8_pp2, tp16
 from meshes.axes import MeshAxis
 
 REGISTRY: dict[str, Strategy] = {
@@ -23,23 +25,51 @@ SEPARATIONS: dict[str, Separation] = {ma_separation.NAME: ma_separation.separati
 LAYOUTS: dict[str, Layout] = REGISTRY | SEPARATIONS
 
 ONE_DEVICE = single.STRATEGY  # the reference, outside the registry
-# what `plan` ranks by default: every layout, and ma_separation's other device splits
-CANDIDATES = (*REGISTRY, *SEPARATIONS, "ma_separation:8+8", "ma_separation:14+2")
+# the compositions the papers name: a composition's name -> its registered layout
+ALIASES = {"tp16": "tp16", "ep16": "ep16", "heads4_dims4": "heads_dims_4x4", "tp8_pp2": "tp8_pp2"}
+
+
+def candidates(n_devices: int) -> list[str]:
+    """What `plan` considers on `n_devices`: every composition of parallelism axes (the
+    registered layouts of that count among them, by their names) and ma_separation's splits of
+    the devices into attention and experts in the ratios 1:1, 3:1 and 7:1 where they divide."""
+    registered = [name for name, s in LAYOUTS.items() if s.n_devices == n_devices]
+    composed = [c.name for c in compose.compositions(n_devices) if c.name not in ALIASES]
+    splits = [
+        f"{ma_separation.NAME}:{n_devices - x}+{x}"
+        for x in sorted({n_devices // 2, n_devices // 4, n_devices // 8} - {0})
+        if (n_devices - x) % x == 0
+    ]
+    separations = [s for s in splits if ma_separation.parse(s).name not in registered]
+    return [*registered, *composed, *separations]
 
 
 def get(name: str, transfer_bits: int = 0) -> Layout:
-    """A registered strategy, `one_device`, or `ma_separation[:A+X[/R]]` (whose hidden states
-    cross between its meshes as int8 with `transfer_bits=8`; other layouts move none)."""
+    """A layout by name: a registered one, `one_device`, a composition of parallelism axes
+    (`dp2_ep8`; written in any order, and a composition that is a registered layout is that
+    layout), or `ma_separation[:A+X[/R]]` (whose hidden states cross between its meshes as int8
+    with `transfer_bits=8`; other layouts move none)."""
     if name == ONE_DEVICE.name:
         return ONE_DEVICE
     if name.split(":")[0] == ma_separation.NAME:
         return ma_separation.parse(name).with_options(transfer_bits=transfer_bits)
-    if name not in REGISTRY:
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if ":" in name:
+        raise ConfigError(
+            f"unknown strategy {name!r}; choose from {', '.join(LAYOUTS)}, "
+            f"{ma_separation.NAME}:A+X, or axes with sizes ({compose.EXAMPLES})"
+        )
+    if not compose.looks_composed(name):
         raise ConfigError(
             f"unknown strategy {name!r}; choose from {', '.join(LAYOUTS)} "
-            f"(or {ONE_DEVICE.name}, {ma_separation.NAME}:A+X)"
+            f"(or {ONE_DEVICE.name}, {ma_separation.NAME}:A+X, or axes with sizes: "
+            f"{compose.EXAMPLES})"
         )
-    return REGISTRY[name]
+    composition = compose.parse(name)
+    if composition.name in ALIASES:
+        return REGISTRY[ALIASES[composition.name]]
+    return compose.compose(composition)
 
 
-__all__ = ["CANDIDATES", "LAYOUTS", "ONE_DEVICE", "REGISTRY", "SEPARATIONS", "MeshAxis", "get"]
+__all__ = ["LAYOUTS", "ONE_DEVICE", "REGISTRY", "SEPARATIONS", "MeshAxis", "candidates", "get"]

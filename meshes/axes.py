@@ -4,6 +4,8 @@ from enum import StrEnum
 
 
 class MeshAxis(StrEnum):
+    DATA = "data"
+    FSDP = "fsdp"
     TENSOR = "tensor"
     PIPE = "pipe"
     EXPERT = "expert"

@@ -9,31 +9,9 @@ LM head gathers the final activations ([B, S, D], far smaller than the [D, V] ta
 device computes its slice of the logits, so no device holds, updates or all-reduces a whole table.
 """
 
-from jaxmoe.axes import Axis
-from jaxmoe.config import ModelConfig
-from jaxmoe.sharding import Strategy
-from meshes import volumes
-from meshes.axes import MeshAxis
+from meshes import compose
 
-N = 16
-
-
-def textbook_bytes(cfg: ModelConfig) -> dict[str, float]:
-    if not cfg.is_moe:
-        return {"dense": 0.0, "moe": 0.0}
-    return {"dense": 0.0, "moe": 2 * volumes.all_to_all(volumes.slots_bytes(cfg), N)}
-
-
-STRATEGY = Strategy(
-    name="ep16",
-    mesh_shape=((MeshAxis.EXPERT, N),),
-    rules={
-        Axis.BATCH: (MeshAxis.EXPERT,),
-        Axis.ATTN_BATCH: (MeshAxis.EXPERT,),
-        Axis.GROUP: (MeshAxis.EXPERT,),
-        Axis.EXPERT: (MeshAxis.EXPERT,),
-        Axis.VOCAB: (MeshAxis.EXPERT,),  # the LM head is vocab-parallel over all 16 devices
-    },
+STRATEGY = compose.compose(
+    compose.parse("ep16"),
     description="expert parallel 16: one expert per device, batch split over the same axis",
-    textbook_bytes=textbook_bytes,
 )

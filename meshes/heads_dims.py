@@ -15,44 +15,10 @@ holds 1/16 of the expert weights; the expert outputs are all-reduced over `dims`
 tokens over `heads`.
 """
 
-from jaxmoe.axes import Axis
-from jaxmoe.config import ModelConfig
-from jaxmoe.sharding import Strategy
-from meshes import volumes
-from meshes.axes import MeshAxis
+from meshes import compose
 
-GROUPS, SLICES = 4, 4
-N = GROUPS * SLICES
-
-
-def textbook_bytes(cfg: ModelConfig) -> dict[str, float]:
-    act = volumes.activation_bytes(cfg)
-    heads_act = cfg.tokens * cfg.n_heads * cfg.head_dim * cfg.compute_dtype.itemsize  # q, k, v, o
-    attention = (
-        4 * volumes.all_to_all(heads_act / GROUPS, SLICES)
-        + volumes.all_reduce(act, SLICES)
-        + volumes.all_reduce(act, GROUPS)
-    )
-    dense = attention + volumes.all_reduce(act, N)
-    if not cfg.is_moe:
-        return {"dense": dense, "moe": 0.0}
-    expert_out = volumes.slots_bytes(cfg) / GROUPS  # each head group holds E/4 experts' slots
-    moe = attention + volumes.all_reduce(expert_out, SLICES) + volumes.all_reduce(act, GROUPS)
-    return {"dense": dense, "moe": moe}
-
-
-STRATEGY = Strategy(
+STRATEGY = compose.compose(
+    compose.parse("heads4_dims4"),
     name="heads_dims_4x4",
-    mesh_shape=((MeshAxis.HEADS, GROUPS), (MeshAxis.DIMS, SLICES)),
-    rules={
-        Axis.HEADS: (MeshAxis.HEADS,),
-        Axis.HEAD_DIM: (MeshAxis.DIMS,),
-        Axis.ATTN_BATCH: (MeshAxis.DIMS,),
-        Axis.MLP: (MeshAxis.HEADS, MeshAxis.DIMS),
-        Axis.EXPERT: (MeshAxis.HEADS,),
-        Axis.EXPERT_MLP: (MeshAxis.DIMS,),
-        Axis.VOCAB: (MeshAxis.HEADS, MeshAxis.DIMS),
-    },
     description="attention heads over 4 groups x head dim over 4 slices; MLP and experts 16-way",
-    textbook_bytes=textbook_bytes,
 )

@@ -41,9 +41,10 @@ def check(cfg: ModelConfig, stages: int) -> None:
         )
 
 
-def gpipe(stage_axis: str) -> Callable:
+def gpipe(stage_axis: str, batch_axes: tuple[str, ...] = ()) -> Callable:
     """A layer runner (see `jaxmoe.sharding.LayerRunner`) pipelining over mesh axis `stage_axis`
-    with `cfg.micro_batches` micro-batches."""
+    with `cfg.micro_batches` micro-batches, each split over `batch_axes` as the batch is."""
+    rows = batch_axes or None
 
     def run(
         step: Callable, x: jax.Array, per_block: Any, cache: Any, mesh: Mesh, cfg: ModelConfig
@@ -60,8 +61,13 @@ def gpipe(stage_axis: str) -> Callable:
         cache = jax.tree.map(
             lambda a: by_stage(a).reshape(*by_stage(a).shape[:2], m, -1, *a.shape[2:]), cache
         )
-        micro = x.reshape(m, x.shape[0] // m, *x.shape[1:])  # [M, B/M, S, D]
-        pin = NamedSharding(mesh, PartitionSpec(stage_axis))
+        # [M, B/M, S, D], each micro-batch split as the batch (the rows of stage buffers too)
+        micro = jax.lax.with_sharding_constraint(
+            x.reshape(m, x.shape[0] // m, *x.shape[1:]),
+            NamedSharding(mesh, PartitionSpec(None, rows)),
+        )
+        pin = NamedSharding(mesh, PartitionSpec(stage_axis, rows))
+        pin_outputs = NamedSharding(mesh, PartitionSpec(stage_axis, None, rows))
 
         def stage(h, stage_blocks, stage_cache, index, busy):
             """One stage's blocks on micro-batch `index`; its cache rows change only if busy."""
@@ -104,7 +110,7 @@ def gpipe(stage_axis: str) -> Callable:
             # every stage files its result under the micro-batch the last stage just finished;
             # only the last stage's row is read, once, after the loop (no traffic per iteration)
             done = jnp.maximum(t - (stages - 1), 0)
-            outputs = jax.lax.with_sharding_constraint(outputs.at[:, done].set(out), pin)
+            outputs = jax.lax.with_sharding_constraint(outputs.at[:, done].set(out), pin_outputs)
             with jax.named_scope("pipeline_shift"):
                 state = jax.lax.with_sharding_constraint(jnp.roll(out, 1, axis=0), pin)
             return (state, outputs, stats, cache), None

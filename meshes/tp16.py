@@ -9,34 +9,9 @@ the expert outputs [E, G, C, D] before the combine (XLA does not carry partial s
 combine einsum): top_k x capacity_factor times the bytes of a [tokens, D] activation.
 """
 
-from jaxmoe.axes import Axis
-from jaxmoe.config import ModelConfig
-from jaxmoe.sharding import Strategy
-from meshes import volumes
-from meshes.axes import MeshAxis
+from meshes import compose
 
-N = 16
-
-
-def textbook_bytes(cfg: ModelConfig) -> dict[str, float]:
-    attention = volumes.all_reduce(volumes.activation_bytes(cfg), N)
-    if not cfg.is_moe:
-        return {"dense": 2 * attention, "moe": 0.0}
-    return {
-        "dense": 2 * attention,
-        "moe": attention + volumes.all_reduce(volumes.slots_bytes(cfg), N),
-    }
-
-
-STRATEGY = Strategy(
-    name="tp16",
-    mesh_shape=((MeshAxis.TENSOR, N),),
-    rules={
-        Axis.HEADS: (MeshAxis.TENSOR,),
-        Axis.MLP: (MeshAxis.TENSOR,),
-        Axis.EXPERT_MLP: (MeshAxis.TENSOR,),
-        Axis.VOCAB: (MeshAxis.TENSOR,),
-    },
+STRATEGY = compose.compose(
+    compose.parse("tp16"),
     description="Megatron tensor parallel 16: heads, MLP and expert width, vocab split 16 ways",
-    textbook_bytes=textbook_bytes,
 )

@@ -19,66 +19,16 @@ device of a stage holds it; sending 1/8 per device and all-gathering over `tenso
 (Megatron's scatter/gather) would cut the inter-stage bytes 8 times and is not done here.
 """
 
-from jaxmoe.axes import Axis
-from jaxmoe.config import ModelConfig
-from jaxmoe.sharding import Strategy
-from meshes import pipeline, volumes
-from meshes.axes import MeshAxis
+from meshes import compose
 
-STAGES, TP = 2, 8
-
-MEGATRON = {
-    Axis.LAYERS: (MeshAxis.PIPE,),
-    Axis.HEADS: (MeshAxis.TENSOR,),
-    Axis.MLP: (MeshAxis.TENSOR,),
-    Axis.VOCAB: (MeshAxis.TENSOR,),
-}
-
-
-def textbook(experts_split: bool):
-    def textbook_bytes(cfg: ModelConfig) -> dict[str, float]:
-        m, iterations = cfg.micro_batches, cfg.micro_batches + STAGES - 1
-        # a device runs its stage's L/P layers once per iteration on 1/M of the batch
-        share = iterations / (m * STAGES)
-        act = volumes.activation_bytes(cfg)
-        attention = volumes.all_reduce(act, TP)
-        experts = volumes.all_reduce(act if experts_split else volumes.slots_bytes(cfg), TP)
-        # one micro-batch to the next stage per iteration, spread over the layers
-        shift = iterations * (act / m) / cfg.n_layers
-        return {
-            "dense": share * 2 * attention + shift,
-            "moe": share * (attention + experts) + shift,
-        }
-
-    return textbook_bytes
-
-
-def _check(cfg: ModelConfig) -> None:
-    pipeline.check(cfg, STAGES)
-
-
-def _bubble(cfg: ModelConfig) -> float:
-    return pipeline.bubble_fraction(STAGES, cfg.micro_batches)
-
-
-STRATEGY = Strategy(
+STRATEGY = compose.compose(
+    compose.Composition({"tp": 8, "pp": 2}, experts_over_tp=True),
     name="tp8_pp2",
-    mesh_shape=((MeshAxis.PIPE, STAGES), (MeshAxis.TENSOR, TP)),
-    rules={**MEGATRON, Axis.EXPERT: (MeshAxis.TENSOR,)},
     description="tensor parallel 8 x pipeline parallel 2 (GPipe); experts split over tensor",
-    textbook_bytes=textbook(experts_split=True),
-    run_layers=pipeline.gpipe(MeshAxis.PIPE),
-    extra_checks=_check,
-    bubble_fraction=_bubble,
 )
 
-EXPERTS_TP = Strategy(
+EXPERTS_TP = compose.compose(
+    compose.parse("tp8_pp2"),
     name="tp8_pp2:experts_tp",
-    mesh_shape=STRATEGY.mesh_shape,
-    rules={**MEGATRON, Axis.EXPERT_MLP: (MeshAxis.TENSOR,)},
     description="tensor parallel 8 x pipeline parallel 2; every expert's width split over tensor",
-    textbook_bytes=textbook(experts_split=False),
-    run_layers=STRATEGY.run_layers,
-    extra_checks=_check,
-    bubble_fraction=_bubble,
 )

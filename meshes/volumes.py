@@ -24,3 +24,17 @@ def all_gather(size: float, n: int) -> float:
 
 def all_to_all(size: float, n: int) -> float:
     return size * (n - 1) / n**2
+
+
+def layer_weights(cfg: ModelConfig) -> dict[str, float]:
+    """Bytes of one layer's weights in the parameter dtype, by part: attention, the dense MLP,
+    all experts, and the rest of an MoE layer (router) and of every layer (norms)."""
+    size = cfg.weight_dtype.itemsize
+    matrices = 3 if cfg.expert_form == "swiglu" else 2
+    return {
+        "attention": 4 * cfg.d_model * cfg.n_heads * cfg.head_dim * size,
+        "mlp": 2 * cfg.d_model * cfg.d_ff * size,
+        "experts": matrices * cfg.n_experts * cfg.d_model * cfg.d_ff * size,
+        "router": cfg.d_model * cfg.n_experts * size,
+        "norms": 2 * cfg.d_model * size,
+    }

@@ -48,7 +48,7 @@ def test_loss_and_grads_match_one_device(moe, strategy, micro_batches):
 
 @pytest.mark.parametrize(("moe", "strategy"), CASES, ids=CASE_IDS)
 def test_compiled_schedule_moves_micro_batches_between_stages(moe, strategy):
-    m, stages = 4, tp8_pp2.STAGES
+    m, stages = 4, tp8_pp2.STRATEGY.mesh[MeshAxis.PIPE]
     cfg = tiny(moe, n_layers=4, micro_batches=m)
     _, compiled = forward_hlo(cfg, strategy)
     inv = inventory(compiled.as_text(), strategy.axis_sizes)

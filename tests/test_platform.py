@@ -97,10 +97,11 @@ def test_compiling_only_falls_back_to_virtual_cpu_devices_with_a_note(
     assert platform.select(None, 8, compile_only=True, found=GPU_HERE).name == "gpu"
 
 
-def test_this_process_really_has_16_cpu_devices():
-    assert platform.available() == {"cpu": 16}  # conftest forces the CPU
-    chosen = platform.select("cpu", 16)  # the same settings as conftest's: nothing changes
+def test_this_process_really_has_32_cpu_devices():
+    assert platform.available() == {"cpu": 32}  # conftest forces the CPU
+    chosen = platform.select("cpu", 32)  # the same settings as conftest's: nothing changes
     assert chosen.devices == tuple(jax.devices()) and chosen.virtual
+    assert platform.select("cpu", 16).devices == tuple(jax.devices()[:16])  # JAX has started
 
 
 def test_fewer_gpus_than_a_layout_uses_name_the_cpu():

@@ -32,11 +32,11 @@ def tiny(moe: bool = True, **changes) -> ModelConfig:
 
 
 def placed(cfg: ModelConfig, strategy: Strategy) -> Placement:
-    return place(cfg, strategy, jax.devices()[:DEVICES])
+    return place(cfg, strategy, jax.devices()[: strategy.n_devices])
 
 
 def forward_hlo(cfg: ModelConfig, strategy: Strategy) -> tuple[Placement, jax.stages.Compiled]:
-    run = strategy.lay_out(cfg, jax.devices()[:DEVICES])
+    run = strategy.lay_out(cfg, jax.devices()[: strategy.n_devices])
     return run.placement, run.compile_forward()
 
 

@@ -146,7 +146,7 @@ class Moe(nnx.Module):
             )(keys)  # [E, G, C, F]
             h = jnp.where(keep, h / (1.0 - cfg.expert_dropout), 0).astype(dt)
         y = jnp.einsum("EXF,EFD->EXD", h.reshape(e, g * c, -1), self.w_out[...].astype(dt))
-        return y.reshape(e, g, c, d)
+        return constrain(y.reshape(e, g, c, d), AT_EXPERTS)  # where the experts are, not G's
 
     def __call__(
         self, x: jax.Array, dropout_key: jax.Array | None = None, first_row=0
@@ -164,7 +164,9 @@ class Moe(nnx.Module):
                 constrain(logits, ROUTED), cfg.top_k, cfg.capacity_for(group)
             )
         with jax.named_scope("dispatch"):
-            xe = constrain(jnp.einsum("GSEC,GSD->EGCD", dispatch.astype(dt), xg), AT_EXPERTS)
+            # each group's slots where the group is, then to the experts: one all-to-all
+            xe = constrain(jnp.einsum("GSEC,GSD->GECD", dispatch.astype(dt), xg), AT_GROUPS)
+            xe = constrain(jnp.transpose(xe, (1, 0, 2, 3)), AT_EXPERTS)
         with jax.named_scope("experts"):
             ye = self.experts(xe, dropout_key, first_row * (s // group))
         with jax.named_scope("combine"):

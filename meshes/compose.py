@@ -1,0 +1,256 @@
+"""Layouts composed from parallelism axes: `dp2_ep8`, `fsdp4_tp4`, `dp2_tp4_pp2`, `heads4_dims8`.
+
+A name is underscore-joined tokens `<axis><size>`, any order; the sizes multiply to the device
+count. Each axis contributes rules for activations and parameters, its checks and its textbook
+traffic:
+
+- `dp`   data parallel: the batch split over `data`; parameters and Adam's state replicated, the
+         gradients all-reduced once per step.
+- `fsdp` fully sharded data parallel (ZeRO-3): the batch split over `fsdp`, and every weight's
+         model width (D) too; a layer's weights are all-gathered where they are used and their
+         gradients reduce-scattered, so each device holds 1/fsdp of parameters and Adam's state.
+- `tp`   Megatron tensor parallel over `tensor`: heads, the MLP's and every expert's hidden
+         width, the vocabulary; one all-reduce after attention and one after the MLP.
+- `pp`   pipeline stages over `pipe` (the GPipe schedule of `meshes/pipeline.py`).
+- `ep`   expert parallel over `expert`: experts split, and the batch with them (one all-to-all
+         to the experts and one back); with `tp`, each expert's width is split over `tensor`
+         (expert-tensor parallelism), and the vocabulary over both.
+- `heads`, `dims` (together): attention's heads over `heads` and head dim over `dims`, the
+         batch over `dims` inside the attention core; the MLP and the vocabulary over both,
+         experts over `heads` with their width over `dims` (papers 002 and 004).
+
+Mesh axes run outermost first as pipe, data, fsdp, expert, heads, dims, tensor, so tensor
+parallel groups are neighbours (one node) and pipeline stages the farthest apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from jaxmoe.axes import Axis
+from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.sharding import Strategy
+from meshes import pipeline, volumes
+from meshes.axes import MeshAxis
+
+# name token -> mesh axis, in mesh order (outermost first)
+AXES = {
+    "pp": MeshAxis.PIPE,
+    "dp": MeshAxis.DATA,
+    "fsdp": MeshAxis.FSDP,
+    "ep": MeshAxis.EXPERT,
+    "heads": MeshAxis.HEADS,
+    "dims": MeshAxis.DIMS,
+    "tp": MeshAxis.TENSOR,
+}
+NAME_ORDER = ("dp", "fsdp", "ep", "heads", "dims", "tp", "pp")  # how a name is written
+EXAMPLES = "e.g. dp2_ep8, fsdp4_tp4, dp2_tp4_pp2, ep8_tp2, heads4_dims4, tp8_pp2"
+_TOKEN = re.compile(r"([a-z]+)(\d+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Composition:
+    """Axis sizes (name token -> size; absent axes are 1). `experts_over_tp`: experts split over
+    `tensor` with tokens replicated there (the papers' tp8_pp2) instead of each expert's width."""
+
+    sizes: dict[str, int]
+    experts_over_tp: bool = False
+
+    def __getitem__(self, token: str) -> int:
+        return self.sizes.get(token, 1)
+
+    @property
+    def name(self) -> str:
+        return "_".join(f"{t}{self[t]}" for t in NAME_ORDER if self[t] > 1) or "dp1"
+
+    @property
+    def n_devices(self) -> int:
+        return math.prod(self.sizes.values())
+
+    @property
+    def batch_split(self) -> int:
+        """Devices the batch is split over outside the attention core."""
+        return self["dp"] * self["fsdp"] * self["ep"]
+
+    @property
+    def model_split(self) -> int:
+        """Devices a layer's attention and MLP weights are split over (FSDP aside)."""
+        return self["tp"] * self["heads"] * self["dims"]
+
+
+def looks_composed(name: str) -> bool:
+    """Whether the name is written as axes with sizes (known or not)."""
+    return all(_TOKEN.fullmatch(token) for token in name.split("_"))
+
+
+def parse(name: str) -> Composition:
+    """A composition from its name, or a one-line ConfigError naming the fix."""
+    sizes: dict[str, int] = {}
+    for token in name.split("_"):
+        match = _TOKEN.fullmatch(token)
+        if not match or match[1] not in AXES:
+            raise ConfigError(
+                f"layout {name!r}: {token!r} is not an axis with a size; write axes from "
+                f"{', '.join(NAME_ORDER)} each with its size, {EXAMPLES}"
+            )
+        axis, size = match[1], int(match[2])
+        if axis in sizes or size < 1:
+            why = "names it twice" if axis in sizes else "gives it size 0"
+            raise ConfigError(f"layout {name!r} {why}; give each axis once, a size of 1 or more")
+        sizes[axis] = size
+    sizes = {t: s for t, s in sizes.items() if s > 1}
+    if ("heads" in sizes) != ("dims" in sizes):
+        raise ConfigError(
+            f"layout {name!r}: heads and dims slice attention together; give both, "
+            f"e.g. heads4_dims4"
+        )
+    if "heads" in sizes and ({"tp", "ep"} & set(sizes)):
+        raise ConfigError(
+            f"layout {name!r}: heads x dims already splits the MLP and the experts; compose it "
+            f"with dp, fsdp or pp, not tp or ep"
+        )
+    return Composition(sizes)
+
+
+def _rules(c: Composition) -> tuple[dict, dict]:
+    """(activation rules, the parameters' where they differ)."""
+    present = [AXES[t] for t in AXES if c[t] > 1]
+
+    def on(*tokens: str) -> tuple[MeshAxis, ...]:
+        return tuple(a for a in present if a in {AXES[t] for t in tokens})
+
+    batch = on("dp", "fsdp", "ep")
+    rules = {
+        Axis.BATCH: batch,
+        Axis.ATTN_BATCH: on("dp", "fsdp", "ep", "dims"),
+        Axis.LM_BATCH: on("dp", "fsdp"),
+        Axis.GROUP: batch,
+        Axis.LAYERS: on("pp"),
+        Axis.HEADS: on("heads", "tp"),
+        Axis.HEAD_DIM: on("dims"),
+        Axis.MLP: on("heads", "dims", "tp"),
+        Axis.EXPERT: on("ep", "heads", "tp") if c.experts_over_tp else on("ep", "heads"),
+        Axis.EXPERT_MLP: () if c.experts_over_tp else on("dims", "tp"),
+        Axis.VOCAB: on("ep", "heads", "dims", "tp"),
+    }
+    return {k: v for k, v in rules.items() if v}, {Axis.EMBED: on("fsdp")} if c["fsdp"] > 1 else {}
+
+
+def textbook_bytes(c: Composition, cfg: ModelConfig) -> dict[str, float]:
+    """Bytes one device sends per layer in the forward pass (strategies.md's formulas), each
+    collective on the share of the batch its group holds."""
+    ar, a2a = volumes.all_reduce, volumes.all_to_all
+    act = volumes.activation_bytes(cfg) / c.batch_split  # a [B, S, D] of one batch group
+    slots = volumes.slots_bytes(cfg) / (c["dp"] * c["fsdp"])  # [E, G, C, D] of an ep group
+    tp, ep, h, d = c["tp"], c["ep"], c["heads"], c["dims"]
+    if h > 1:
+        heads_act = cfg.tokens * cfg.n_heads * cfg.head_dim * cfg.compute_dtype.itemsize
+        attention = 4 * a2a(heads_act / c.batch_split / h, d) + ar(act, d) + ar(act, h)
+        mlp, experts = ar(act, h * d), ar(slots / h, d) + ar(act, h)
+    else:
+        attention = mlp = ar(act, tp)
+        experts = ar(act if c.experts_over_tp else slots / ep, tp) + 2 * a2a(slots, ep)
+    # FSDP gathers each layer's weights (the block its model axes leave each device) where used
+    w, split = volumes.layer_weights(cfg), c.model_split
+    gather = {
+        "dense": (w["attention"] + w["mlp"]) / split + w["norms"],
+        "moe": w["attention"] / split + w["experts"] / (split * ep) + w["router"] + w["norms"],
+    }
+    dense = attention + mlp + volumes.all_gather(gather["dense"], c["fsdp"])
+    moe = attention + experts + volumes.all_gather(gather["moe"], c["fsdp"])
+    if c["pp"] == 1:
+        return {"dense": dense, "moe": moe if cfg.is_moe else 0.0}
+    # a device runs its stage's L/P layers once per iteration on 1/M of its batch, and sends
+    # one micro-batch to the next stage per iteration (spread over the layers)
+    m, stages = cfg.micro_batches, c["pp"]
+    iterations = m + stages - 1
+    share = iterations / (m * stages)
+    shift = iterations * (act / m) / cfg.n_layers
+    return {
+        "dense": share * dense + shift,
+        "moe": share * moe + shift if cfg.is_moe else 0.0,
+    }
+
+
+def _checks(c: Composition):
+    def check(cfg: ModelConfig) -> None:
+        if c["pp"] > 1:
+            pipeline.check(cfg, c["pp"])
+            if (cfg.batch // cfg.micro_batches) % c.batch_split:
+                raise ConfigError(
+                    f"layout {c.name}: a micro-batch of {cfg.batch // cfg.micro_batches} "
+                    f"sequences (batch {cfg.batch} / micro_batches {cfg.micro_batches}) does not "
+                    f"split over {c.batch_split} devices; choose batch as a multiple of "
+                    f"{cfg.micro_batches * c.batch_split}"
+                )
+
+    return check
+
+
+def compose(c: Composition, name: str | None = None, description: str | None = None) -> Strategy:
+    """The strategy of a composition (named `name`, its canonical name by default)."""
+    rules, params = _rules(c)
+    pp = c["pp"]
+    return Strategy(
+        name=name or c.name,
+        mesh_shape=tuple((AXES[t], c[t]) for t in AXES if c[t] > 1) or ((MeshAxis.DATA, 1),),
+        rules=rules,
+        param_rules=params,
+        description=description or _describe(c),
+        textbook_bytes=lambda cfg: textbook_bytes(c, cfg),
+        extra_checks=_checks(c),
+        **(
+            {
+                "run_layers": pipeline.gpipe(MeshAxis.PIPE, rules.get(Axis.BATCH, ())),
+                "bubble_fraction": lambda cfg: pipeline.bubble_fraction(pp, cfg.micro_batches),
+            }
+            if pp > 1
+            else {}
+        ),
+    )
+
+
+WORDS = {
+    "dp": "data parallel",
+    "fsdp": "fully sharded data parallel",
+    "ep": "expert parallel",
+    "heads": "head groups",
+    "dims": "head-dim slices",
+    "tp": "tensor parallel",
+    "pp": "pipeline stages",
+}
+
+
+def _describe(c: Composition) -> str:
+    return " x ".join(f"{WORDS[t]} {c[t]}" for t in NAME_ORDER if c[t] > 1) or "one device"
+
+
+def compositions(n_devices: int) -> list[Composition]:
+    """Every composition of `n_devices` devices: each way to write it as a product of axis sizes
+    (sizes above 1; heads and dims together, never with tp or ep)."""
+    families = (("dp", "fsdp", "ep", "tp", "pp"), ("dp", "fsdp", "heads", "dims", "pp"))
+    found: dict[str, Composition] = {}
+    for tokens in families:
+        for sizes in _factorisations(n_devices, len(tokens)):
+            c = Composition({t: s for t, s in zip(tokens, sizes, strict=True) if s > 1})
+            if ("heads" in c.sizes) == ("dims" in c.sizes):
+                found.setdefault(c.name, c)
+    return list(found.values())
+
+
+def _factorisations(n: int, parts: int) -> list[tuple[int, ...]]:
+    """Ordered tuples of `parts` positive integers whose product is n."""
+    if parts == 1:
+        return [(n,)]
+    return [
+        (d, *rest)
+        for d in range(1, n + 1)
+        if n % d == 0
+        for rest in _factorisations(n // d, parts - 1)
+    ]
+
+
+def layout(name: str) -> Strategy:
+    return compose(parse(name))

@@ -1,0 +1,118 @@
+"""Layouts composed from parallelism axes, on 8 and 32 devices: the same model as one device,
+names that parse or fail in one line, and what dp and fsdp do in a compiled training step."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from tiny import loss_grads, tiny
+
+import meshes
+from jaxmoe.compare import compare_strategies
+from jaxmoe.config import ConfigError
+from jaxmoe.layout import textbook_per_layer
+from meshes import compose
+
+# both kinds of layer in one model; on 32 devices the batch and head dim the widest splits need
+ON_8 = ["dp2_ep4", "fsdp2_tp4", "tp4_pp2", "dp2_tp2_pp2", "ep4_tp2", "heads2_dims4"]
+ON_32 = ["dp2_ep16", "fsdp4_tp8", "dp4_tp4_pp2", "heads4_dims8"]
+CONFIGS = {
+    8: tiny(moe_every=2, n_layers=4),
+    32: tiny(moe_every=2, n_layers=4, batch=32, head_dim=8),
+}
+
+
+@pytest.mark.parametrize("n", [8, 32])
+def test_logits_match_one_device(n):
+    layouts = [meshes.get(name) for name in (ON_8 if n == 8 else ON_32)]
+    assert {s.n_devices for s in layouts} == {n}
+    for r in compare_strategies(CONFIGS[n], layouts, jax.devices()):
+        assert r.max_abs_err <= 1e-4 * r.logits_scale, (r.strategy, r.max_abs_err)
+        measured = r.inventory.total_bytes(in_loop=True) / CONFIGS[n].n_layers
+        textbook = textbook_per_layer(CONFIGS[n], meshes.get(r.strategy))
+        assert 0.9 <= measured / textbook <= 1.1, (r.strategy, measured, textbook)
+
+
+@functools.cache
+def _one_device(n: int):
+    return loss_grads(CONFIGS[n], None)
+
+
+@pytest.mark.parametrize("name", ON_8 + ON_32)
+def test_loss_and_grads_match_one_device(name):
+    strategy = meshes.get(name)
+    ref_loss, ref_grads = _one_device(strategy.n_devices)
+    loss, grads = loss_grads(CONFIGS[strategy.n_devices], strategy)
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    scale = max(float(np.max(np.abs(g))) for g in ref_grads)
+    for g, ref in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, ref, atol=1e-4 * scale, rtol=1e-3)
+
+
+def test_dp_and_fsdp_training_steps():
+    """dp sums each gradient once per step (an all-reduce of the parameters' bytes); fsdp holds
+    1/N of parameters and Adam's state and all-gathers each layer's weights in the layer loop."""
+    cfg = tiny(moe_every=2, n_layers=4)
+    dp, fsdp = compare_strategies(
+        cfg, [meshes.get("dp8"), meshes.get("fsdp8")], jax.devices(), phase="train"
+    )
+    params = dp.param_bytes_total
+    assert dp.memory["parameters"] == params and fsdp.memory["parameters"] * 8 == params
+    assert fsdp.memory["optimizer_state"] * 8 <= 2 * params + 8 * 64  # moments + step count
+    reduced = dp.inventory.by_kind(in_loop=None)["all-reduce"].bytes
+    assert 2 * 7 / 8 * params <= reduced <= 1.02 * 2 * 7 / 8 * params  # + the loss's scalars
+    assert dp.inventory.by_kind(in_loop=True)["all-gather"].count == 0
+    gathered = fsdp.inventory.by_kind(in_loop=True)["all-gather"].bytes
+    block_weights = params - 2 * (cfg.padded_vocab + cfg.seq_len + 1) * cfg.d_model  # no tables
+    assert gathered >= 7 / 8 * block_weights * 0.99  # each layer's weights, gathered in the loop
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("dp2_xp4", "'xp4' is not an axis with a size"),
+        ("dp2_dp4", "names it twice"),
+        ("heads4", "heads and dims slice attention together"),
+        ("heads2_dims2_tp2", "not tp or ep"),
+        ("ep7", "needs 7 devices, 8 given; run with --devices 7"),
+        ("fsdp3_tp2_pp2", None),  # 12 devices: also refused on 8
+        ("tp8", "splits n_heads=12 over mesh axes tensor"),
+    ],
+)
+def test_bad_names_get_one_line(name, message):
+    cfg = tiny(n_heads=12, head_dim=4) if name == "tp8" else tiny()
+    with pytest.raises(ConfigError) as err:
+        meshes.get(name).check(cfg, 8)
+    assert "\n" not in str(err.value)
+    assert (message or "needs 12 devices") in str(err.value)
+
+
+def test_names_are_canonical_and_aliases_keep_their_meaning():
+    assert meshes.get("tp2_ep4").name == "ep4_tp2"
+    assert meshes.get("pp2_tp8") is meshes.get("tp8_pp2")  # the papers' layout, experts over tp
+    assert meshes.get("tp16") is meshes.REGISTRY["tp16"]
+    assert meshes.get("heads4_dims4").mesh == meshes.get("heads_dims_4x4").mesh
+    ep_tp = meshes.get("ep4_tp2")
+    assert ep_tp.spec(("expert", "embed", "expert_mlp"), param=True) == P("expert", None, "tensor")
+    assert ep_tp.mesh == {"expert": 4, "tensor": 2}  # tensor innermost: neighbouring devices
+    fsdp = meshes.get("fsdp2_tp4")
+    assert fsdp.spec(("embed", "heads", "head_dim"), param=True) == P("fsdp", "tensor", None)
+    assert fsdp.spec(("batch", "seq", "embed")) == P("fsdp", None, None)
+    assert fsdp.gathered_axes == ("fsdp",) and not meshes.get("dp8").gathered_axes
+
+
+def test_textbook_follows_each_axis_size():
+    """tp's all-reduce and ep's all-to-all scale as (n - 1) / n of the batch their group holds."""
+    cfg = tiny()
+    act = cfg.tokens * cfg.d_model * 4
+    dense = compose.layout("tp4").textbook_bytes(cfg)["dense"]
+    assert dense == pytest.approx(2 * 2 * act * 3 / 4)
+    assert compose.layout("dp2_tp4").textbook_bytes(cfg)["dense"] == pytest.approx(dense / 2)
+    slots = cfg.n_groups * cfg.n_experts * cfg.capacity * cfg.d_model * 4
+    moe = compose.layout("ep8").textbook_bytes(cfg)["moe"]
+    assert moe == pytest.approx(2 * slots * 7 / 64)
+    assert compose.layout("dp2_ep4").textbook_bytes(cfg)["moe"] == pytest.approx(
+        2 * slots / 2 * 3 / 16
+    )
