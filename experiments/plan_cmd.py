@@ -19,7 +19,8 @@ from jaxmoe.paths import writable_file
 
 
 def candidates(names: str | None) -> list[str] | None:
-    """`--strategies a,b` (each known, named once; not empty), or None: every layout and split."""
+    """`--strategies a,b` (each known, named once; not empty), or None: every layout of the
+    devices."""
     return None if names is None else [s.name for s in strategies(names)]
 
 
@@ -35,6 +36,9 @@ def plan_config(name: str, sets: list[str], batch: int | None, seq: int | None) 
 
 
 def run(args: argparse.Namespace) -> None:
+    for flag, value in (("--top", args.top), ("--compile-top", args.compile_top)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: must be at least 1; e.g. {flag} 3")
     hw = hardware.get(args.hardware)
     hw.check_devices(args.devices, "--hardware")
     cfg = plan_config(args.config, args.set, args.batch, args.seq)
@@ -42,8 +46,16 @@ def run(args: argparse.Namespace) -> None:
     if args.json:
         writable_file(args.json, "--json")
     chosen = platform.select(args.platform, args.devices, compile_only=True)
-    result = jaxmoe.plan(cfg, hw, names, devices=chosen.devices)
-    print(result.table())
+    result = jaxmoe.plan(
+        cfg,
+        hw,
+        names,
+        devices=chosen.devices,
+        compile_top=args.compile_top,
+        phases=[p.strip() for p in args.phases.split(",") if p.strip()],
+        progress=True,
+    )
+    print(result.table(args.top))
     if args.json:
         args.json.write_text(json.dumps(result.to_json(), indent=2))
         print(f"\nwrote {args.json}")

@@ -39,6 +39,8 @@ from experiments import (
 from experiments.configs import DEVICES, platform_flags
 from jaxmoe.config import DEFAULT_PRESET, ConfigError
 from jaxmoe.layout import PHASES
+from jaxmoe.plan import COMPILE_TOP
+from jaxmoe.plan import PHASES as PLAN_PHASES
 from jaxmoe.train.loop import TrainingDiverged, TrainingFailed, TrainingInterrupted
 
 COMMANDS = ("compare", "train", "experiment", "device", "plan", "explain")
@@ -129,7 +131,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="multi-process: give up when the coordinator or a peer is not there by then",
     )
 
-    experiment = commands.add_parser("experiment", help="a paper's setup against its bounds")
+    experiment = commands.add_parser(  # resolve: its --devices (a list) replaces the shared one
+        "experiment", help="a paper's setup against its bounds", conflict_handler="resolve"
+    )
     experiment.add_argument("name", help="paper000 ... paper004, or all")
     experiment.add_argument("--scale", choices=("tiny", "full"), default="tiny")
     experiment.add_argument("--hardware", help="a hardware profile (default: the paper's)")
@@ -138,6 +142,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     experiment.add_argument("--json", type=Path, help="also write the rows here as JSON")
     experiment.add_argument("--plots", type=Path, help="write a PNG per experiment here")
     platform_flags(experiment, COMPILE_DEVICES, DEVICES)
+    experiment.add_argument(
+        "--devices",
+        metavar="N[,N...]",
+        help=f"device counts, comma-separated (default: the paper's own, {DEVICES}): the paper at "
+        "each, bounded on as many of its hardware's GPUs (paper002 scales its layouts to 8,16,32 "
+        "for its scaling claims); virtual CPU devices, as many as the largest, when it only "
+        "compiles and the GPUs or TPUs here are fewer",
+    )
 
     device = commands.add_parser("device", help="one device's share of its roofline")
     device.add_argument("--config", default="bench_moe", help="a named configuration")
@@ -152,16 +164,32 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "runs on the first",
     )
 
-    plan = commands.add_parser("plan", help="rank every placement by its bound")
+    plan = commands.add_parser(
+        "plan", help="search the layouts of the devices, rank the best by their bound"
+    )
     plan.add_argument("--config", default="paper000", help="a preset or a paper (its full model)")
     plan.add_argument("--hardware", default="h100x16", help="a hardware profile")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     plan.add_argument("--batch", type=int, help="sequences (default: the config's)")
     plan.add_argument("--seq", type=int, help="context length (default: the config's)")
     plan.add_argument(
-        "--strategies", help="comma-separated candidates (default: all, and ma_separation splits)"
+        "--strategies",
+        help="comma-separated candidates (default: every composition of parallelism axes of the "
+        "devices, and ma_separation splits)",
     )
     plan.add_argument("--json", type=Path, help="also write the ranking here as JSON")
+    plan.add_argument("--top", type=int, help="show the best K of each phase (default: all)")
+    plan.add_argument(
+        "--compile-top",
+        type=int,
+        help=f"compile the best K estimates of each phase (default {COMPILE_TOP}; every "
+        f"candidate named with --strategies)",
+    )
+    plan.add_argument(
+        "--phases",
+        default=",".join(PLAN_PHASES),
+        help=f"comma-separated phases to rank (default {','.join(PLAN_PHASES)})",
+    )
     platform_flags(plan, COMPILE_DEVICES, DEVICES)
 
     explain = commands.add_parser(

@@ -45,7 +45,9 @@ def page(devices: Sequence[jax.Device]) -> str:
 
     reports = {r.strategy: r for r in jaxmoe.compare("tiny_moe", devices=devices).reports}
     model = plan_cmd.plan_config(PLAN[0], [], None, None)
-    planned = jaxmoe.plan(model, PLAN[1], list(meshes.LAYOUTS), devices=devices).rows
+    planned = jaxmoe.plan(
+        model, PLAN[1], list(meshes.LAYOUTS), devices=devices, phases=("prefill", "decode")
+    ).rows
     parts = [
         "# Strategies\n\nOne section per layout: its mesh, the rules that map the model's logical "
         "axes (`jaxmoe/axes.py`) onto mesh axes, why its collectives are what they are (the "

@@ -24,6 +24,7 @@ from jaxmoe.explain import Explanation
 from jaxmoe.explain import explain as _explain
 from jaxmoe.layout import Layout, Phase
 from jaxmoe.phases import Measure, PhaseCost, phase_costs
+from jaxmoe.plan import PHASES as PLAN_PHASES
 from jaxmoe.plan import Plan
 from jaxmoe.plan import plan as _plan
 from jaxmoe.train.loop import RunOptions
@@ -151,13 +152,26 @@ def plan(
     candidates: Sequence[str] | None = None,
     *,
     devices: Sequence[jax.Device] | None = None,
+    compile_top: int | None = None,
+    phases: Sequence[str] = PLAN_PHASES,
+    progress: bool = False,
 ) -> Plan:
-    """Rank the candidates (default: every layout and ma_separation's splits) by their bound
-    on `hw`, compiled for `cfg` (a paper's name: its full-size model) on abstract inputs
-    (nothing allocated, nothing run)."""
+    """Search the candidates (default: every layout of the devices: compositions of parallelism
+    axes, ma_separation's splits) for `cfg` (a paper's name: its full-size model) on `hw`:
+    estimated from their rules, pruned, the `compile_top` best per phase (of `phases`) compiled
+    on abstract inputs (nothing allocated, nothing run) and ranked by their bound. Candidates
+    named are all compiled unless `compile_top` says otherwise."""
     model, profile = config(cfg, "full"), hardware(hw)
-    names = catalogue.candidates() if candidates is None else list(candidates)
-    return _plan(model, profile, names, _devices(devices))
+    names = None if candidates is None else list(candidates)
+    return _plan(
+        model,
+        profile,
+        names,
+        _devices(devices),
+        compile_top=compile_top,
+        phases=phases,
+        progress=progress,
+    )
 
 
 # ---- a paper's experiment ---------------------------------------------------------------------
@@ -195,13 +209,17 @@ def experiment(
     *,
     measure: Measure | None = None,
     devices: Sequence[jax.Device] | None = None,
+    device_counts: Sequence[int] | None = None,
 ) -> ExperimentResult:
     """A paper's setup: each strategy it compares, per phase, with the bound on `hw` (default:
     the paper's hardware) beside the paper's claim; at the tiny scale pass `measure` to time it
-    on `devices` and check its greedy tokens against one device's."""
+    on `devices` and check its greedy tokens against one device's. `device_counts` (default: the
+    paper's own, 16) lays it out at each count on the first of `devices`, bounded on as many of
+    `hw`'s GPUs (`jaxmoe.experiment.hardware_at`; paper002 scales its layouts to 8 and 32), with
+    the claims for that count and the bound's scaling efficiency against the paper's count."""
     exp = catalogue.experiment(name) if isinstance(name, str) else name
     profile = hardware(hw or exp.hardware)
-    rows = experiment_rows(exp, scale, profile, measure, _devices(devices))
+    rows = experiment_rows(exp, scale, profile, measure, _devices(devices), device_counts)
     return ExperimentResult(exp, scale, profile, tuple(rows))
 
 

@@ -10,13 +10,14 @@ claims (checked against the bound, never trusted). The papers themselves are reg
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Literal
 
 import jax
 import numpy as np
 
 from jaxmoe import catalogue
+from jaxmoe.analysis import hardware
 from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.inference import decoder, generate
@@ -30,13 +31,16 @@ PREFILL_BATCH = 16  # sequences per prefill program (the bound is per token)
 class Claim:
     """One figure a paper claims for one strategy, with where it says so."""
 
-    strategy: str  # the registered strategy that lays the model out as the paper describes
+    strategy: str  # the layout that lays the model out as the paper describes, at `devices`
     tps: float | None = None  # tokens per second as the paper reports them
     tpot_ms: float | None = None  # time per output token, milliseconds
     source: str = ""  # the paper's words, quoted briefly, with the section or table
     # the full-size model the figure is for when it is not the experiment's own (its dense twin,
     # another sequence length): bounded at full scale only, beside the experiment's own model
     model: ModelConfig | None = None
+    # the device count the figure is for when it is not the paper's own (a scaling claim):
+    # `strategy` is then one of the experiment's layouts at that count (`Experiment.layouts_at`)
+    devices: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +57,30 @@ class Experiment:
     claims: tuple[Claim, ...]
     notes: tuple[str, ...] = ()  # what the paper leaves unsaid and what the experiment assumes
     phase_of_tps: Literal["prefill", "decode"] = "prefill"  # what the paper's TPS measures
+    n_devices: int = 16  # the paper's device count: its strategies' and its hardware's
+    # its strategies at other device counts, for its scaling claims: (count, layouts in the
+    # order of `strategies`, each the same layout scaled to that count)
+    layouts_at: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
     def config(self, scale: Literal["tiny", "full"]) -> ModelConfig:
         return self.tiny if scale == "tiny" else self.full
 
-    def models(self) -> dict[ModelConfig, str | None]:
-        """The full-size models its claims are for, its own first, each named by what sets it
-        apart from the others (dense or MoE, layers, width, sequence length, batch; None when
-        there is only its own)."""
-        models = list(dict.fromkeys([self.full, *(c.model or self.full for c in self.claims)]))
+    def strategies_at(self, n: int) -> tuple[str, ...]:
+        """The layouts it compares on `n` devices: `strategies` at its own count, and at a count
+        it names no layouts for (each then says what it needs)."""
+        if n == self.n_devices:
+            return self.strategies
+        return dict(self.layouts_at).get(n, self.strategies)
+
+    def devices_of(self, claim: Claim) -> int:
+        return claim.devices or self.n_devices
+
+    def models(self, counts: Collection[int] | None = None) -> dict[ModelConfig, str | None]:
+        """The full-size models its claims (those at `counts` devices; default: all) are for, its
+        own first, each named by what sets it apart from the others (dense or MoE, layers,
+        width, sequence length, batch; None when there is only its own)."""
+        claims = [c for c in self.claims if counts is None or self.devices_of(c) in counts]
+        models = list(dict.fromkeys([self.full, *(c.model or self.full for c in claims)]))
         if len(models) == 1:
             return {self.full: None}
         parts = [[_describe(m, field) for field in _DESCRIBED] for m in models]
@@ -113,63 +132,136 @@ def experiment_rows(
     hw: Hardware,
     measure: Measure | None,
     devices: Sequence[jax.Device],
+    counts: Sequence[int] | None = None,
 ) -> list[dict]:
-    """Each strategy the paper compares, per phase: its bound on `hw` (and, with `measure`, its
-    time on `devices` and whether its greedy tokens are one device's), memory per device, the
-    paper's claim beside them; a strategy that cannot lay the model out gets its reason.
+    """Each strategy the paper compares, per phase, at each of `counts` devices (default: the
+    paper's own count; the first of `devices`): its bound on `hw`'s GPUs at that count
+    (`hardware_at`) (and, with `measure`, its time and whether its greedy tokens are one
+    device's), memory per device, the paper's claim for that count beside them; a strategy that
+    cannot lay the model out gets its reason.
 
     At full scale, claims for other models (`Claim.model`) follow: each strategy and phase they
-    claim, compiled for that model (phases and strategies it claims nothing for are skipped)."""
+    claim, compiled for that model (phases and strategies it claims nothing for are skipped).
+    A row at another count than the paper's carries `scaling`: the bound's scaling efficiency
+    (and the claims') against the paper's count, in the phase the paper's TPS measures."""
+    counts = check_counts(counts or (exp.n_devices,), len(devices))
     cfg = exp.config(scale)
     reference = _one_device_tokens(cfg) if measure else None
-    models = exp.models() if scale == "full" else {cfg: None}
-    rows = []
-    for model, label in models.items():
-        own = model == cfg
-        for name in exp.strategies:
-            phases = [p for p in PHASES if own or _claimed(exp, name, p, model)]
-            if phases:
-                rows += _strategy_rows(
-                    exp, name, model, label, phases, hw, measure, devices, reference, scale
-                )
-        claimed = {c.strategy for c in exp.claims if (c.model or exp.full) == model}
-        for name in sorted(claimed - set(exp.strategies)):
-            reason = f"{name} is not built yet: the paper's claim is shown without a bound"
-            rows += [_unbuilt(exp, name, p, reason, scale, model, label) for p in PHASES]
-    return rows
+    models = exp.models(counts) if scale == "full" else {cfg: None}
+    found: list[tuple[ModelConfig, dict]] = []  # each row with the model it is for
+    for n in counts:
+        at = _Count(n, hardware_at(exp, hw, n), tuple(devices[:n]))
+        for model, label in models.items():
+            own = model == cfg
+            for compared, name in zip(exp.strategies, exp.strategies_at(n), strict=True):
+                phases = [p for p in PHASES if own or _claimed(exp, name, p, model, n)]
+                if phases:
+                    rows = _strategy_rows(
+                        exp, name, model, label, phases, at, measure, reference, scale
+                    )
+                    found += [(model, {**r, "compares": compared}) for r in rows]
+            claimed = {
+                c.strategy
+                for c in exp.claims
+                if (c.model or exp.full) == model and exp.devices_of(c) == n
+            }
+            for name in sorted(claimed - set(exp.strategies_at(n))):
+                reason = f"{name} is not built yet: the paper's claim is shown without a bound"
+                found += [
+                    (
+                        model,
+                        {
+                            **_unbuilt(exp, name, p, reason, scale, model, label, at),
+                            "compares": None,
+                        },
+                    )
+                    for p in PHASES
+                ]
+    _add_scaling(exp, cfg, found)
+    return [row for _, row in found]
 
 
 PHASES = ("prefill", "decode")
 
 
-def _strategy_rows(exp, name, cfg, label, phases, hw, measure, devices, reference, scale):
+def check_counts(counts: Sequence[int], available: int) -> tuple[int, ...]:
+    """Device counts, ascending: each at least 1 and given once, none above the `available`
+    devices; a one-line ConfigError otherwise."""
+    if min(counts) < 1 or len(set(counts)) < len(counts):
+        raise ConfigError(
+            f"device counts {list(counts)}: give each count once, each 1 or more, e.g. 8, 16, 32"
+        )
+    if max(counts) > available:
+        raise ConfigError(
+            f"device counts {list(counts)}: {max(counts)} devices asked for, {available} given; "
+            f"pass at least {max(counts)} devices"
+        )
+    return tuple(sorted(counts))
+
+
+def hardware_at(exp: Experiment, hw: Hardware, n: int) -> Hardware:
+    """The profile the bound at `n` devices is on: `hw` itself at the paper's own count (as
+    given; its layouts may span part of it), else `hw`'s GPUs, `n` of them, in nodes of its size
+    (of `n` when that is smaller): the paper's DGX H100s scaled to 8 or 32 GPUs."""
+    if n in (exp.n_devices, hw.count):
+        return hw
+    per_node = min(hw.per_node, n)
+    return hardware.get(f"{hw.gpu}x{n}" + ("" if per_node == min(8, n) else f"n{per_node}"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Count:
+    """One device count of the experiment: its profile and its devices."""
+
+    n: int
+    hw: Hardware
+    devices: tuple[jax.Device, ...]
+
+    @property
+    def fields(self) -> dict:
+        return {"devices": self.n, "hardware": self.hw.name}
+
+
+def _prefill_batch(exp: Experiment, cfg: ModelConfig, scale: str) -> int:
+    """Sequences per prefill program: PREFILL_BATCH, times k for a model claimed at k times the
+    paper's batch (weak scaling: each device's share of the work stays)."""
+    return min(cfg.batch, PREFILL_BATCH * max(1, cfg.batch // exp.config(scale).batch))
+
+
+def _strategy_rows(exp, name, cfg, label, phases, at: _Count, measure, reference, scale):
     strategy = catalogue.layout(name)
-    batches = {"prefill": min(cfg.batch, PREFILL_BATCH), "decode": cfg.batch}
+    batches = {"prefill": _prefill_batch(exp, cfg, scale), "decode": cfg.batch}
     try:
         for batch in {batches[p] for p in phases}:
-            strategy.check(cfg.replace(batch=batch), len(devices))
+            strategy.check(cfg.replace(batch=batch), at.n)
     except ConfigError as err:
-        return [_unbuilt(exp, name, p, str(err), scale, cfg, label) for p in phases]
+        return [_unbuilt(exp, name, p, str(err), scale, cfg, label, at) for p in phases]
     if list(phases) == list(PHASES):
         costs = phase_costs(
-            cfg, strategy, devices, hw, prefill_batch=batches["prefill"], measure=measure
+            cfg, strategy, at.devices, at.hw, prefill_batch=batches["prefill"], measure=measure
         )
     else:  # phase_costs, for the phases claimed only
         costs = [
-            strategy.lay_out(cfg.replace(batch=batches[p]), devices).phase_cost(p, hw, measure)
+            strategy.lay_out(cfg.replace(batch=batches[p]), at.devices).phase_cost(
+                p, at.hw, measure
+            )
             for p in phases
         ]
-    same = None if reference is None else _same_tokens(cfg, strategy, devices, reference)
-    return [_row(exp, name, cost, hw, same, scale, cfg, label) for cost in costs]
+    same = None if reference is None else _same_tokens(cfg, strategy, at.devices, reference)
+    return [_row(exp, name, cost, at, same, scale, cfg, label) for cost in costs]
 
 
-def _claimed(exp: Experiment, strategy: str, phase: str, model: ModelConfig) -> dict | None:
-    """The figures the paper claims for `strategy` on `model` in `phase` (several claims for
-    one model, from different tables, are merged: they must agree)."""
+def _claimed(exp: Experiment, strategy: str, phase: str, model: ModelConfig, n: int) -> dict | None:
+    """The figures the paper claims for `strategy` on `model` in `phase` at `n` devices (several
+    claims for one model, from different tables, are merged: they must agree)."""
     figures: dict = {}
     sources = []
     for claim in exp.claims:
-        if claim.strategy != strategy or (claim.model or exp.full) != model:
+        if (
+            claim.strategy != strategy
+            or (claim.model or exp.full) != model
+            or exp.devices_of(claim) != n
+        ):
             continue
         found = {}
         if claim.tps is not None and exp.phase_of_tps == phase:
@@ -195,13 +287,51 @@ def _exceeds(claimed: dict | None, bound: dict) -> bool:
     return bool(too_fast or too_short)
 
 
-def _row(exp, strategy, cost: PhaseCost, hw: Hardware, same_tokens, scale, model, label) -> dict:
+def _add_scaling(exp: Experiment, cfg: ModelConfig, found: list[tuple[ModelConfig, dict]]) -> None:
+    """Each row at another count than the paper's, in the phase its TPS measures, against the
+    same strategy's row on the paper's model at the paper's count: efficiency = (TPS at the
+    larger count / TPS at the smaller) / (larger count / smaller), of the bounds and, where both
+    rows hold a claimed TPS, of the claims. Same batch: strong scaling; the batch grown with the
+    devices: weak."""
+    base = {
+        r["compares"]: r
+        for m, r in found
+        if m == cfg and r["devices"] == exp.n_devices and r["phase"] == exp.phase_of_tps
+    }
+    for model, row in found:
+        paper = base.get(row.get("compares"))
+        if row["devices"] == exp.n_devices or row["phase"] != exp.phase_of_tps or paper is None:
+            continue
+        (lo, lo_batch, low), (hi, hi_batch, high) = sorted(
+            [(row["devices"], model.batch, row), (exp.n_devices, cfg.batch, paper)],
+            key=lambda t: t[0],
+        )
+        kind = "strong" if lo_batch == hi_batch else None
+        if hi_batch * lo == lo_batch * hi and lo_batch != hi_batch:
+            kind = "weak"
+        row["scaling"] = {
+            "kind": kind,
+            "devices": [lo, hi],
+            "batch": [lo_batch, hi_batch],
+            "bound_efficiency": _efficiency(low, high, "bound", hi / lo),
+            "claimed_efficiency": _efficiency(low, high, "claimed", hi / lo),
+        }
+
+
+def _efficiency(low: dict, high: dict, key: str, ratio: float) -> float | None:
+    """(TPS of `high` / TPS of `low`) / the ratio of their device counts, for their `key`
+    figures (None where either has no TPS)."""
+    a, b = (low.get(key) or {}).get("tps"), (high.get(key) or {}).get("tps")
+    return None if not a or not b else b / a / ratio
+
+
+def _row(exp, strategy, cost: PhaseCost, at: _Count, same_tokens, scale, model, label) -> dict:
     b = cost.bound
     bound = {**cost.rate(b.overlapped_s), "overlapped": True, "seconds": b.overlapped_s}
     bound.setdefault("tpot_ms", None)
     serial = {**cost.rate(b.serial_s), "overlapped": False, "seconds": b.serial_s}
     # a paper's figures are for its full-size model: the tiny one is not held to them
-    claimed = _claimed(exp, strategy, cost.phase, model) if scale == "full" else None
+    claimed = _claimed(exp, strategy, cost.phase, model, at.n) if scale == "full" else None
     measured = None
     if cost.measured is not None:
         measured = {**cost.rate(cost.measured.median), **cost.measured.summary()}
@@ -210,6 +340,7 @@ def _row(exp, strategy, cost: PhaseCost, hw: Hardware, same_tokens, scale, model
             measured["tpot_ms_ci95"] = [low * 1e3, high * 1e3]
     memory = cost.memory["total"]
     return {
+        **at.fields,
         "strategy": strategy,
         "model": label,  # which of the experiment's models (None: it has one)
         "phase": cost.phase,
@@ -224,24 +355,27 @@ def _row(exp, strategy, cost: PhaseCost, hw: Hardware, same_tokens, scale, model
         "claim_exceeds_bound": _exceeds(claimed, bound),
         "memory_bytes_per_device": memory,
         "memory": cost.memory,
-        "fits": memory <= hw.hbm_bytes,
+        "fits": memory <= at.hw.hbm_bytes,
         "same_tokens_as_one_device": same_tokens,
+        "scaling": None,
     }
 
 
-def _unbuilt(exp, strategy: str, phase: str, reason: str, scale: str, model, label) -> dict:
+def _unbuilt(exp, strategy, phase, reason, scale, model, label, at: _Count) -> dict:
     return {
+        **at.fields,
         "strategy": strategy,
         "model": label,
         "phase": phase,
         "seq_len": model.seq_len,
         "measured": None,
         "bound": None,
-        "claimed": _claimed(exp, strategy, phase, model) if scale == "full" else None,
+        "claimed": _claimed(exp, strategy, phase, model, at.n) if scale == "full" else None,
         "claim_exceeds_bound": False,
         "memory_bytes_per_device": None,
         "fits": None,
         "error": reason,
+        "scaling": None,
     }
 
 

@@ -21,6 +21,7 @@ from jaxmoe.config import ModelConfig
 
 if TYPE_CHECKING:
     from jaxmoe.analysis.hardware import Hardware
+    from jaxmoe.estimate import Estimate
     from jaxmoe.inference import Decoder
     from jaxmoe.phases import Measure, PhaseCost
     from jaxmoe.sharding import Strategy
@@ -119,6 +120,10 @@ class Layout(Protocol):
 
     def bubble_fraction(self, cfg: ModelConfig) -> float:
         """Share of a pipeline schedule's iterations a stage idles (0 without one)."""
+
+    def estimate(self, cfg: ModelConfig, hw: Hardware, phase: str) -> Estimate | None:
+        """The phase's cost from the layout's rules alone, nothing compiled (`jaxmoe.estimate`);
+        None where the layout has no such estimate (`plan` then always compiles it)."""
 
     def lay_out(self, cfg: ModelConfig, devices: Sequence[jax.Device]) -> LaidOut:
         """Check `cfg` (one-line ConfigError) and lay it out on `devices`."""

@@ -22,14 +22,14 @@ from jaxmoe.layout import Layout
 from jaxmoe.separation.cost import SeparatedBound
 from jaxmoe.timer import Timing
 
-Phase = Literal["prefill", "decode"]
+Phase = Literal["prefill", "decode", "train"]
 
 
 @dataclasses.dataclass(frozen=True)
 class PhaseCost:
     phase: Phase
     batch: int  # sequences per call
-    tokens: int  # tokens per call: batch x seq_len for prefill, batch for decode
+    tokens: int  # tokens per call: batch x seq_len (prefill, a training step), batch (decode)
     bound: Bound | SeparatedBound
     memory: dict[str, int]  # bytes per device by part (XLA's memory analysis, or per sub-mesh)
     measured: Timing | None = None  # seconds per call on the devices at hand

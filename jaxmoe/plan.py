@@ -1,28 +1,34 @@
-"""Which placement to use for a model on a machine, ranked by the hardware's bound.
+"""Which layout to use for a model on a cluster: a search over the layouts of its devices, ranked
+by the hardware's bound.
 
-Every candidate layout (the registered strategies and ma_separation's device splits) is compiled
-for the model on abstract inputs (no weights allocated, nothing run) and ranked by its roofline
-bound: prefill by tokens per second, decode by time per output token. A layout that does not fit
-in the GPU's memory is ranked after every one that fits; one that cannot split the model is
-listed with the reason. Each row says what limits it (compute, memory bandwidth, or which
-collective on which mesh axes).
+The candidates (by default every composition of parallelism axes whose sizes multiply to the
+device count, the registered layouts of that count and ma_separation's splits) are checked
+against the model (a layout that cannot split it is listed with the reason), estimated from
+their rule tables (`jaxmoe.estimate`: nothing compiled), pruned (a layout whose weights alone do
+not fit in the GPU's memory; then all but the `compile_top` best estimates of each phase), and
+the rest compiled on abstract inputs (no weights allocated, nothing run) and ranked by their
+roofline bound: prefill by tokens per second, decode by time per output token, the training step
+by tokens per second. A layout that does not fit ranks after every one that fits. Each row says
+what limits it (compute, memory bandwidth, or which collective on which mesh axes). A layout
+with no estimate of its own (the two-mesh separation) is always compiled.
 
-An ma_separation split runs with the most ping-pong micro-batches, up to the
-config's `micro_batches`, that split its batches (named in the row when fewer).
+An ma_separation split runs with the most ping-pong micro-batches, up to the config's
+`micro_batches`, that split its batches (named in the row when fewer).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
 
 import jax
+from tqdm import tqdm
 
 from jaxmoe import catalogue, report
 from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.experiment import PREFILL_BATCH
-from jaxmoe.phases import phase_costs
 from jaxmoe.report import human_bytes
 
 
@@ -42,8 +48,9 @@ def _fitting(cfg: ModelConfig, layout, n_devices: int) -> tuple[ModelConfig, str
 
 @dataclasses.dataclass(frozen=True)
 class PlanRow:
-    """One candidate in one phase: its bound (tokens per second; decode also ms per output
-    token), what limits it, its memory per device, its rank and why."""
+    """One compiled candidate in one phase: its bound (tokens per second; decode also ms per
+    output token), what limits it, its memory per device, its rank and why, beside the estimate
+    that chose it for compiling."""
 
     strategy: str
     phase: str
@@ -51,6 +58,7 @@ class PlanRow:
     tpot_ms: float | None  # decode only
     seconds: float  # per call, communication overlapped
     serial_seconds: float  # nothing overlapped
+    estimated_seconds: float | None  # the rule-table estimate (None: the layout has none)
     limit: str
     memory_bytes_per_device: int
     fits: bool
@@ -63,41 +71,75 @@ class PlanRow:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """Every candidate's bound per phase and the rankings (best first)."""
+    """Every compiled candidate's bound per phase, the rankings (best first), and what the search
+    left out: layouts that cannot split the model, and per phase those pruned (and why)."""
 
     config: ModelConfig
     hardware: Hardware
+    n_devices: int
+    considered: int
     rows: tuple[PlanRow, ...]
     cannot_split: dict[str, str]  # candidate -> why it cannot lay the model out
+    pruned: dict[str, dict[str, str]]  # phase -> candidate -> why it was not compiled
+    cannot_rank: dict[str, dict[str, str]]  # phase -> candidate -> why it has no bound there
+
+    @property
+    def compiled(self) -> int:
+        """Programs compiled: one per candidate and phase ranked."""
+        return len(self.rows)
 
     def ranking(self, phase: str) -> list[PlanRow]:
         return sorted((r for r in self.rows if r.phase == phase), key=lambda r: r.rank)
 
-    def table(self) -> str:
-        return report.plan_table(self, PREFILL_BATCH)
+    def table(self, top: int | None = None) -> str:
+        return report.plan_table(self, PREFILL_BATCH, top)
 
     def to_json(self) -> dict:
         return {
             "config": dataclasses.asdict(self.config),
             "hardware": self.hardware.name,
+            "n_devices": self.n_devices,
+            "considered": self.considered,
+            "compiled": self.compiled,
             "rows": [r.to_json() for r in self.rows],
             "ranking": {p: [r.strategy for r in self.ranking(p)] for p in PHASES},
             "cannot_split": self.cannot_split,
+            "pruned": self.pruned,
+            "cannot_rank": self.cannot_rank,
         }
 
 
-PHASES = ("prefill", "decode")
+PHASES = ("prefill", "decode", "train")
+COMPILE_TOP = 3
 
 
 def plan(
-    cfg: ModelConfig, hw: Hardware, names: Sequence[str], devices: Sequence[jax.Device]
+    cfg: ModelConfig,
+    hw: Hardware,
+    names: Sequence[str] | None,
+    devices: Sequence[jax.Device],
+    *,
+    compile_top: int | None = None,
+    phases: Sequence[str] = PHASES,
+    progress: bool = False,
 ) -> Plan:
-    """Every candidate's bound per phase, ranked."""
-    layouts = [catalogue.layout(n) for n in names]  # unknown names fail here, before compiling
+    """Search the candidates (`names`; None: every layout of `len(devices)` devices), compile
+    the `compile_top` most promising per phase (default: COMPILE_TOP when searching, every one
+    named) and rank them. `progress`: a progress bar on stderr."""
+    n = len(devices)
+    if compile_top is None:
+        compile_top = COMPILE_TOP if names is None else len(names)
+    unknown = sorted(set(phases) - set(PHASES))
+    if unknown or not phases:
+        raise ConfigError(
+            f"phases {', '.join(phases) or '(none)'}: choose among {', '.join(PHASES)}"
+        )
+    names = catalogue.candidates(n) if names is None else list(names)
+    layouts = [catalogue.layout(name) for name in names]  # unknown names fail before compiling
     runnable, skipped = [], {}
     for layout in layouts:
         try:
-            runnable.append((layout, *_fitting(cfg, layout, len(devices))))
+            runnable.append((layout, *_fitting(cfg, layout, n)))
         except ConfigError as err:
             skipped[layout.name] = str(err)
     if not runnable:  # one line before anything compiles: nothing to rank
@@ -106,38 +148,71 @@ def plan(
         first, reason = next(iter(skipped.items()))
         raise ConfigError(
             f"none of the {len(skipped)} candidates can run {cfg.name} (B {cfg.batch} x S "
-            f"{cfg.seq_len}); {first}: {reason}"
+            f"{cfg.seq_len}) on {n} devices; {first}: {reason}"
         )
-    costs = [
-        (name, c)
-        for layout, sized, name in runnable
-        for c in phase_costs(
-            sized, layout, devices, hw, prefill_batch=min(cfg.batch, PREFILL_BATCH)
+    work, pruned = [], {}
+    for phase in phases:
+        chosen, pruned[phase] = _choose(runnable, cfg, hw, phase, compile_top)
+        work += [(phase, *c) for c in chosen]
+    costs, cannot_rank = [], {p: {} for p in phases}
+    for phase, layout, sized, name, estimate in tqdm(
+        work, desc="compiling", unit="program", disable=not progress, file=sys.stderr
+    ):
+        try:
+            laid = layout.lay_out(_phase_config(sized, cfg, phase), devices)
+            costs.append((name, laid.phase_cost(phase, hw), estimate))
+        except ConfigError as err:
+            cannot_rank[phase][name] = str(err)
+    rows = [row for phase in phases for row in _ranked(phase, costs, hw)]
+    return Plan(cfg, hw, n, len(layouts), tuple(rows), skipped, pruned, cannot_rank)
+
+
+def _phase_config(sized: ModelConfig, cfg: ModelConfig, phase: str) -> ModelConfig:
+    return sized.replace(batch=min(cfg.batch, PREFILL_BATCH)) if phase == "prefill" else sized
+
+
+def _choose(runnable, cfg: ModelConfig, hw: Hardware, phase: str, top: int):
+    """(the candidates to compile for `phase`, with their estimates; {name: why not} for the
+    rest): those without an estimate, and the `top` best estimates, fitting ones first."""
+    always, estimated = [], []
+    for layout, sized, name in runnable:
+        e = layout.estimate(_phase_config(sized, cfg, phase), hw, phase)
+        (always if e is None else estimated).append((layout, sized, name, e))
+    estimated.sort(key=lambda c: (not c[3].fits(hw), c[3].seconds, c[3].serial_seconds))
+    chosen, pruned = estimated[:top], {}
+    for _, _, name, e in estimated[top:]:
+        pruned[name] = (
+            f"its weights{' and Adam state' if phase == 'train' else ''} alone take "
+            f"{human_bytes(e.memory_bytes)} per device > {human_bytes(hw.hbm_bytes)}"
+            if not e.fits(hw)
+            else f"estimated {e.seconds * 1e3:.3g} ms per call, behind the {top} compiled"
         )
-    ]
+    return [*always, *chosen], pruned
+
+
+def _ranked(phase: str, costs, hw: Hardware) -> list[PlanRow]:
+    here = [(name, c, e) for name, c, e in costs if c.phase == phase]
+    ranked = sorted(here, key=lambda nce: (not _fits(nce[1], hw), nce[1].bound.overlapped_s))
     rows = []
-    for phase in PHASES:
-        here = [(name, c) for name, c in costs if c.phase == phase]
-        ranked = sorted(here, key=lambda nc: (not _fits(nc[1], hw), nc[1].bound.overlapped_s))
-        best = ranked[0][1]
-        for rank, (name, c) in enumerate(ranked, 1):
-            rate = c.rate(c.bound.overlapped_s)
-            rows.append(
-                PlanRow(
-                    strategy=name,
-                    phase=phase,
-                    tps=rate["tps"],
-                    tpot_ms=rate.get("tpot_ms"),
-                    seconds=c.bound.overlapped_s,
-                    serial_seconds=c.bound.serial_s,
-                    limit=c.bound.limit,
-                    memory_bytes_per_device=c.memory["total"],
-                    fits=_fits(c, hw),
-                    rank=rank,
-                    reason=_reason(c, best, hw),
-                )
+    for rank, (name, c, e) in enumerate(ranked, 1):
+        rate = c.rate(c.bound.overlapped_s)
+        rows.append(
+            PlanRow(
+                strategy=name,
+                phase=phase,
+                tps=rate["tps"],
+                tpot_ms=rate.get("tpot_ms"),
+                seconds=c.bound.overlapped_s,
+                serial_seconds=c.bound.serial_s,
+                estimated_seconds=None if e is None else e.seconds,
+                limit=c.bound.limit,
+                memory_bytes_per_device=c.memory["total"],
+                fits=_fits(c, hw),
+                rank=rank,
+                reason=_reason(c, ranked[0][1], hw),
             )
-    return Plan(cfg, hw, tuple(rows), skipped)
+        )
+    return rows
 
 
 def _fits(cost, hw: Hardware) -> bool:

@@ -180,12 +180,16 @@ def _claim_cell(claimed: dict | None) -> str:
 def experiment_table(exp, scale: str, hw, rows: Sequence[dict]) -> str:
     cfg = exp.config(scale)
     models = any(r.get("model") for r in rows)  # claims for the paper's other models: a column
+    counts = sorted({r.get("devices") for r in rows} - {None})
+    several = len(counts) > 1  # each row names its device count and the profile of its bound
+    profiles = {r["hardware"] for r in rows if r.get("hardware")}
     headers = (
+        *(("devices",) if several else ()),
         "strategy",
         *(("model",) if models else ()),
         "phase",
         "measured here",
-        f"bound {hw.name}",
+        "bound" if several else f"bound {profiles.pop() if len(profiles) == 1 else hw.name}",
         "comm exposed",
         "limited by",
         "claimed",
@@ -195,9 +199,14 @@ def experiment_table(exp, scale: str, hw, rows: Sequence[dict]) -> str:
     )
     body, errors = [], {}
     for r in rows:
-        first = (r["strategy"], *((r.get("model") or "-",) if models else ()))
+        first = (
+            *((f"{r['devices']} ({r['hardware']})",) if several else ()),
+            r["strategy"],
+            *((r.get("model") or "-",) if models else ()),
+        )
         if r.get("error"):
-            errors[" ".join(first) if models else r["strategy"]] = r["error"]
+            who = " ".join([r["strategy"], *([r.get("model") or "-"] if models else [])])
+            errors[f"{who} on {r['devices']}" if several else who] = r["error"]
             body.append((*first, r["phase"], "-", "-", "-", "(see below)",
                          _claim_cell(r["claimed"]), "-", "-", "-"))  # fmt: skip
             continue
@@ -235,6 +244,11 @@ def experiment_table(exp, scale: str, hw, rows: Sequence[dict]) -> str:
         "compute); prefill in tokens/s, decode in ms per output token at a full cache of S "
         "positions; measured: median on this machine's CPU devices"
     )
+    if several:
+        legend += (
+            "; devices: the layouts' device count and the GPUs of the bound (the paper's, as "
+            "many, in nodes of its size)"
+        )
     if models:
         own = next(r["model"] for r in rows if r.get("model"))
         legend += (
@@ -242,7 +256,54 @@ def experiment_table(exp, scale: str, hw, rows: Sequence[dict]) -> str:
             "compiled for the strategies and phases the paper claims for it)"
         )
     notes = "".join(f"\n{name}: {error}" for name, error in errors.items())
-    return f"{title}\n\n{table(headers, body)}\n\n{legend}{notes}"
+    parts = [f"{title}\n\n{table(headers, body)}\n\n{legend}{notes}"]
+    scaling = _scaling_table(exp, rows)
+    if scaling:
+        parts.append(scaling)
+    claimed_at = sorted({c.devices or exp.n_devices for c in exp.claims} - set(counts))
+    if scale == "full" and counts and claimed_at:
+        every = ",".join(str(n) for n in sorted({*counts, *claimed_at}))
+        parts.append(
+            f"not shown: the paper's claims at {', '.join(map(str, claimed_at))} devices "
+            f"(--devices {every} shows them)"
+        )
+    return "\n\n".join(parts)
+
+
+def _scaling_table(exp, rows: Sequence[dict]) -> str:
+    """The bound's own scaling efficiency beside the claims', per row that has one."""
+    scaled = [r for r in rows if r.get("scaling")]
+    if not scaled:
+        return ""
+
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0%}"
+
+    body = []
+    for r in scaled:
+        sc = r["scaling"]
+        (lo, hi), (lo_batch, hi_batch) = sc["devices"], sc["batch"]
+        small, large = (r["strategy"], r["compares"])
+        if r["devices"] != lo:
+            small, large = large, small
+        body.append(
+            (
+                f"{small} -> {large}",
+                sc["kind"] or "-",
+                f"{lo} -> {hi}",
+                str(lo_batch) if lo_batch == hi_batch else f"{lo_batch} -> {hi_batch}",
+                percent(sc["bound_efficiency"]),
+                percent(sc["claimed_efficiency"]),
+            )
+        )
+    headers = ("layouts", "scaling", "devices", "batch", "bound's efficiency", "claimed")
+    legend = (
+        f"scaling efficiency of {exp.phase_of_tps} TPS: (TPS on the larger count / TPS on the "
+        "smaller) / (larger count / smaller); strong: the same batch, weak: the batch grown with "
+        "the devices. The bound's: the roofline bounds above scaled, not a measurement; claimed: "
+        "the paper's figures (derived ones included)"
+    )
+    return f"{table(headers, body)}\n\n{legend}"
 
 
 def device_table(cfg: ModelConfig, device, hw, rows: Sequence[dict]) -> str:
@@ -327,29 +388,48 @@ def explain_text(doc: dict) -> str:
     )
 
 
-def plan_table(plan, prefill_batch: int) -> str:
-    """`jaxmoe.plan.Plan` as the command prints it: each phase's ranking, then who cannot run."""
+SHOWN_REFUSALS = 8
+
+
+def plan_table(plan, prefill_batch: int, top: int | None = None) -> str:
+    """`jaxmoe.plan.Plan` as the command prints it: what the search did, each phase's ranking
+    (its `top` rows), then who cannot run."""
     cfg, hw = plan.config, plan.hardware
+    pruned = sum(len(p) for p in plan.pruned.values())
     parts = [
         f"plan for {cfg.name}: {cfg.n_layers} layers, D {cfg.d_model}, B {cfg.batch} x S "
-        f"{cfg.seq_len}, {cfg.dtype}, on {hw.description} (bounds: nothing run)"
+        f"{cfg.seq_len}, {cfg.dtype}, on {plan.n_devices} of {hw.description} "
+        f"({hw.name}; bounds: nothing run)",
+        f"{plan.considered} layouts considered, {len(plan.cannot_split)} cannot split the "
+        f"model, {pruned} (layout, phase) pairs pruned by memory or estimate, "
+        f"{plan.compiled} programs compiled",
     ]
-    for phase in ("prefill", "decode"):
-        headers = ("rank", "strategy", "bound", "memory/device", "fits", "why")
+    units = {"prefill": "tokens/s", "decode": "ms per output token", "train": "tokens/s"}
+    for phase in (p for p in ("prefill", "decode", "train") if p in plan.pruned):
+        headers = ("rank", "strategy", "bound", "estimate", "memory/device", "fits", "why")
         body = [
             (
                 str(r.rank),
                 r.strategy,
-                f"{r.tps:,.0f} tok/s" if phase == "prefill" else f"{r.tpot_ms:.3g} ms",
+                f"{r.tpot_ms:.3g} ms" if phase == "decode" else f"{r.tps:,.0f} tok/s",
+                "-" if r.estimated_seconds is None else f"{r.estimated_seconds * 1e3:.3g} ms",
                 human_bytes(r.memory_bytes_per_device),
                 "yes" if r.fits else "NO",
                 r.reason,
             )
-            for r in plan.ranking(phase)
+            for r in plan.ranking(phase)[:top]
         ]
         batch = min(cfg.batch, prefill_batch) if phase == "prefill" else cfg.batch
-        unit = "tokens/s" if phase == "prefill" else "ms per output token"
-        parts.append(f"{phase} (B {batch}, {unit}):\n\n{table(headers, body)}")
-    for name, reason in plan.cannot_split.items():
+        name = "training step" if phase == "train" else phase
+        parts.append(f"{name} (B {batch}, {units[phase]}):\n\n{table(headers, body)}")
+        unranked: dict[str, list[str]] = {}  # why -> the layouts it holds for
+        for layout, reason in plan.cannot_rank[phase].items():
+            unranked.setdefault(reason.removeprefix(f"{layout}: "), []).append(layout)
+        for reason, layouts in unranked.items():
+            parts.append(f"not ranked for {name}: {', '.join(layouts)}: {reason}")
+    shown = list(plan.cannot_split.items())
+    for name, reason in shown[:SHOWN_REFUSALS]:
         parts.append(f"{name}: cannot run this model: {reason}")
+    if len(shown) > SHOWN_REFUSALS:
+        parts.append(f"... and {len(shown) - SHOWN_REFUSALS} more that cannot (--json says why)")
     return "\n\n".join(parts)

@@ -39,16 +39,23 @@ from jaxmoe.train.recipe import TrainConfig
 from jaxmoe.train.steps import Trainer, make_trainer
 
 
-def gradient_sync_bytes(abstract_params) -> float:
+def gradient_sync_bytes(abstract_params, gathered: Sequence[str] = ()) -> float:
     """Bytes one device sends to sum the gradients of these parameters over the devices that
-    hold the same block of each (a ring all-reduce: 2 (r - 1) / r of its block, r copies)."""
+    computed a share of each: a reduce-scatter over the `gathered` mesh axes that split it (g - 1
+    times its block, g their devices), then a ring all-reduce over its r copies (2 (r - 1) / r of
+    its block)."""
     sent = 0.0
     for a in jax.tree.leaves(abstract_params):
-        copies = (
-            a.sharding.mesh.size * math.prod(a.sharding.shard_shape(a.shape)) / math.prod(a.shape)
-        )
-        block = math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
-        sent += 2 * (copies - 1) / copies * block
+        sharding = a.sharding
+        block_elements = math.prod(sharding.shard_shape(a.shape))
+        copies = sharding.mesh.size * block_elements / math.prod(a.shape)
+        block = block_elements * a.dtype.itemsize
+        spec_axes = {
+            name for part in sharding.spec if part is not None
+            for name in ((part,) if isinstance(part, str) else part)
+        }  # fmt: skip
+        g = math.prod(sharding.mesh.shape[name] for name in gathered if name in spec_axes)
+        sent += (g - 1) * block + 2 * (copies - 1) / copies * block
     return sent
 
 
@@ -108,7 +115,10 @@ class SpmdRun:
         textbook = textbook_per_layer(cfg, s)
         memory = memory_per_device(compiled)
         if trainer is not None:
-            textbook = 2 * textbook + gradient_sync_bytes(self.abstract_params()) / cfg.n_layers
+            textbook = (
+                2 * textbook
+                + gradient_sync_bytes(self.abstract_params(), s.gathered_axes) / cfg.n_layers
+            )
             memory = self._train_memory(trainer, memory)
         return ProgramCost(
             strategy=s.name,
@@ -183,17 +193,22 @@ class SpmdRun:
         return compile_phases(dec, params, self.cfg.seq_len)[phase], dec, params
 
     def phase_cost(self, phase: Phase, hw: Hardware, measure=None):
+        """Prefill, decode, or (compiled on abstract inputs, never timed) the training step."""
         from jaxmoe.phases import PhaseCost  # phases calls this class through the interface
 
-        compiled, dec, params = self._phase_program(phase, allocate=measure is not None)
         cfg = self.cfg
+        if phase == "train":
+            compiled, timing = self.compile_train_step()[1], None
+        else:
+            compiled, dec, params = self._phase_program(phase, allocate=measure is not None)
+            timing = None if measure is None else _time(phase, compiled, dec, params, measure)
         return PhaseCost(
             phase=phase,
             batch=cfg.batch,
-            tokens=cfg.batch * (cfg.seq_len if phase == "prefill" else 1),
+            tokens=cfg.batch * (1 if phase == "decode" else cfg.seq_len),
             bound=program_bound(compiled, self.strategy.axis_sizes, hw, cfg.dtype),
             memory=memory_per_device(compiled),
-            measured=None if measure is None else _time(phase, compiled, dec, params, measure),
+            measured=timing,
         )
 
     def cache_bytes(self) -> int:

@@ -88,6 +88,9 @@ CASES = [
     (["plan", "--json", "{tmp}/afile/x.json"], "is a file, not a directory"),
     (["plan", "--platform", "tpu"], "--platform tpu: JAX finds no tpu device here"),
     (["plan", "--devices", "0"], "--devices 0: must be at least 1"),
+    (["plan", "--top", "0"], "--top 0: must be at least 1"),
+    (["plan", "--phases", "prefill,nope"], "phases prefill, nope: choose among prefill"),
+    (["plan", "--strategies", "dp2_xp8"], "'xp8' is not an axis with a size"),
     # explain
     (["explain", "nope"], "unknown strategy 'nope'"),
     (["explain", "tp16", "--set", "n_heads=12"], "splits n_heads=12"),

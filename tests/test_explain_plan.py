@@ -51,7 +51,8 @@ def test_explain_ma_separation_keeps_experts_off_the_attention_mesh(capsys, tmp_
 def test_plan_ranks_as_the_experiments_bounds(tmp_path):
     names = "ep16,tp8_pp2,ma_separation"
     plan_json, exp_json = tmp_path / "plan.json", tmp_path / "exp.json"
-    args = ["plan", "--config", "paper000", "--hardware", "h100x16", "--strategies", names]
+    args = ["plan", "--config", "paper000", "--hardware", "h100x16", "--strategies", names,
+            "--phases", "prefill,decode"]  # fmt: skip
     assert run.main([*args, "--json", str(plan_json)]) == 0
     plan = json.loads(plan_json.read_text())
     assert run.main(["experiment", "paper000", "--scale", "full", "--json", str(exp_json)]) == 0

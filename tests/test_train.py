@@ -86,9 +86,11 @@ def uninterrupted(tmp_path_factory) -> dict[int, float]:
     return losses(workdir)
 
 
-def test_sigkill_then_rerun_resumes_with_the_same_losses(tmp_path, uninterrupted):
-    proc = subprocess.Popen(command(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics, checkpoints = tmp_path / "metrics.jsonl", tmp_path / "checkpoints"
+def kill_then_resume(args: list[str], workdir: Path) -> None:
+    """Run `args` (an 8-step run in `workdir`), SIGKILL it past the checkpoint of step 3, and
+    run it again to the end."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics, checkpoints = workdir / "metrics.jsonl", workdir / "checkpoints"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:  # past the checkpoint of step 3
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
@@ -100,8 +102,12 @@ def test_sigkill_then_rerun_resumes_with_the_same_losses(tmp_path, uninterrupted
     proc.stderr.close()
     saved = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
     assert saved and max(saved) < 8, saved  # it really stopped mid-way
-    resumed = run(command(tmp_path))
+    resumed = run(args)
     assert resumed.returncode == 0, resumed.stderr
+
+
+def test_sigkill_then_rerun_resumes_with_the_same_losses(tmp_path, uninterrupted):
+    kill_then_resume(command(tmp_path), tmp_path)
     assert losses(tmp_path) == uninterrupted
 
 
@@ -213,3 +219,32 @@ def test_optimizer_state_is_sharded_like_the_parameters():
     assert moments == 2 * len(specs)  # Adam's two moments of every parameter
     expert = [s for p, s in specs.items() if "w_in" in str(p) and "moe" in str(p)]
     assert expert and all("expert" in str(s) for s in expert)
+
+
+@pytest.mark.parametrize("strategy", ["dp2_ep4", "fsdp4_tp2"])
+def test_composed_layouts_on_8_devices_learn_checkpoint_and_resume(tmp_path, strategy):
+    """On 8 devices: 8 steps learn; killed past the checkpoint of step 3, a rerun gives the same
+    losses; dp2_ep4 in two processes of 4 devices gives those of one process of 8."""
+    args = [f"--strategy={strategy}", "--devices=8", "--set=learning_rate=3e-3"]
+    whole = run(command(tmp_path / "whole", *args))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    reference = losses(tmp_path / "whole")
+    assert sorted(reference) == list(range(1, 9)) and reference[8] < reference[1]
+    kill_then_resume(command(tmp_path / "killed", *args), tmp_path / "killed")
+    assert losses(tmp_path / "killed") == reference
+    if strategy != "dp2_ep4":
+        return
+    coordinator = f"--coordinator=127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            command(tmp_path / "two", *args, coordinator, "--num-processes=2", f"--process-id={i}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    for step, loss in losses(tmp_path / "two").items():
+        assert loss == pytest.approx(reference[step], rel=1e-5), step

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxmoe.analysis.collectives import Inventory
 from jaxmoe.analysis.hardware import Hardware
-from jaxmoe.config import ModelConfig
+from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.explain import collectives_by_place, named, parameters
 from jaxmoe.inference import Decoder
 from jaxmoe.layout import Phase, ProgramCost, textbook_per_layer
@@ -196,6 +196,12 @@ class SeparatedRun:
         from jaxmoe.phases import PhaseCost  # phases calls this class through the interface
 
         cfg = self.cfg
+        if phase == "train":
+            raise ConfigError(
+                f"{self.sep.name}: no bound for its training step yet (its pieces' "
+                f"collectives and memory are in `compare --phase train`); rank it by prefill "
+                f"and decode"
+            )
         pieces = cost.compile_pieces(self.run, phase)
         return PhaseCost(
             phase=phase,

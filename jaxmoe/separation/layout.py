@@ -101,6 +101,10 @@ class Separation:
             m //= 2
         return out
 
+    def estimate(self, cfg: ModelConfig, hw, phase: str) -> None:
+        """None: two meshes joined by transfers have no rule-table estimate; plan compiles it."""
+        return None
+
     def lay_out(self, cfg: ModelConfig, devices: Sequence[jax.Device]):
         from jaxmoe.separation.laid import SeparatedRun  # it builds on this module
 

@@ -1,0 +1,119 @@
+"""A layout's cost from its rule table alone, nothing compiled: what `plan` prunes by before it
+compiles the most promising layouts.
+
+For one mesh of rules (a `Strategy`) and one phase:
+- memory per device, a floor: the weights the rules leave each device (with gradients and Adam's
+  two moments when training) and its share of the KV cache when decoding; activations are left
+  out, so a layout pruned for memory cannot fit whatever they take;
+- compute: the model's matmul FLOPs (2 per weight a token meets: its experts' share of the expert
+  weights; attention's scores and values) spread evenly over the devices, idled by a pipeline's
+  bubble;
+- memory traffic: the weights each device reads where it uses them (all its layer's weights for
+  FSDP) and, decoding, its share of the KV cache;
+- communication: the layout's textbook bytes per layer (x2 and the gradient sums when training),
+  over NVLink when the devices that exchange them share a node, the network otherwise.
+
+The estimate is the largest of the three times, and compute-or-memory plus communication, as the
+roofline bound's two figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+from jaxmoe.analysis.hardware import Hardware
+from jaxmoe.axes import Axis
+from jaxmoe.config import ModelConfig
+from jaxmoe.model.transformer import CACHE
+from jaxmoe.sharding import Strategy, logical_specs
+
+BATCH_ONLY = (Axis.BATCH, Axis.ATTN_BATCH, Axis.LM_BATCH, Axis.GROUP, Axis.LAYERS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Seconds per call (floors, as the bound's: everything overlapped, and communication
+    exposed) and bytes per device."""
+
+    seconds: float
+    serial_seconds: float
+    memory_bytes: float
+
+    def fits(self, hw: Hardware) -> bool:
+        return self.memory_bytes <= hw.hbm_bytes
+
+
+@functools.cache
+def _weights(cfg: ModelConfig) -> tuple[tuple[tuple, int, bool], ...]:
+    """Each parameter's logical axes, bytes, and whether it is an expert weight."""
+    import jax
+
+    from jaxmoe.placement import abstract_model
+
+    state = abstract_model(cfg)[1]
+    specs = jax.tree.leaves(logical_specs(state), is_leaf=lambda x: hasattr(x, "index"))
+    return tuple(
+        (tuple(spec), a.size * a.dtype.itemsize, Axis.EXPERT in tuple(spec))
+        for spec, a in zip(specs, jax.tree.leaves(state), strict=True)
+    )
+
+
+def _split(strategy: Strategy, logical: tuple, *, param: bool) -> int:
+    sizes = strategy.axis_sizes
+    used = {a for part in strategy.spec(logical, param=param) if part for a in _names(part)}
+    return math.prod(sizes[a] for a in used)
+
+
+def _names(part) -> tuple[str, ...]:
+    return (part,) if isinstance(part, str) else tuple(part)
+
+
+def estimate(strategy: Strategy, cfg: ModelConfig, hw: Hardware, phase: str) -> Estimate:
+    """`phase`: "prefill" (cfg's batch of whole sequences), "decode" (one token per sequence of
+    the batch, a full cache of seq_len) or "train" (a step on cfg's batch)."""
+    n = strategy.n_devices
+    weights = _weights(cfg)
+    held = sum(size / _split(strategy, axes, param=True) for axes, size, _ in weights)
+    read = sum(size / _split(strategy, axes, param=False) for axes, size, _ in weights)
+    total = sum(size for _, size, _ in weights)
+    expert = sum(size for _, size, is_expert in weights if is_expert)
+    item = cfg.weight_dtype.itemsize
+    active = (total - expert + expert * cfg.top_k * cfg.capacity_factor / cfg.n_experts) / item
+    attention = 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim  # FLOPs per token-position pair
+    if phase == "decode":
+        tokens, pairs = cfg.batch, cfg.batch * cfg.seq_len
+        # one token per sequence, each its own routing group: half of two such tokens' traffic
+        step_cfg, per_call = cfg.replace(seq_len=2, moe_group_size=1), 0.5
+    else:
+        tokens, pairs = cfg.tokens, cfg.batch * cfg.seq_len * (cfg.seq_len + 1) // 2
+        step_cfg, per_call = cfg, 1.0
+    flops = (2 * active * tokens + 2 * attention * pairs) * (3 if phase == "train" else 1)
+    busy = 1 - strategy.bubble_fraction(cfg)
+    compute = flops / n / hw.peak_flops(cfg.dtype) / busy
+    cache = 2 * cfg.n_layers * pairs * cfg.n_heads * cfg.head_dim * cfg.compute_dtype.itemsize
+    cached = cache / _split(strategy, CACHE, param=False) if phase == "decode" else 0.0
+    memory = (read * (3 if phase == "train" else 1) + cached) / hw.hbm_bandwidth
+    volume = strategy.textbook_bytes(step_cfg)
+    sent = per_call * (cfg.n_dense_layers * volume["dense"] + cfg.n_moe_layers * volume["moe"])
+    if phase == "train":
+        copies = n * held / total  # mean devices holding each weight
+        sent = 2 * sent + 2 * held * (1 - 1 / copies)
+    comm = sent / _link(strategy, hw)
+    kept = held * (4 if phase == "train" else 1) + cached
+    return Estimate(max(compute, memory, comm), max(compute, memory) + comm, kept)
+
+
+def _link(strategy: Strategy, hw: Hardware) -> float:
+    """NVLink when the mesh axes that move a layer's data span one node at most (tensor and
+    experts innermost), the network otherwise."""
+    moving = {
+        a for axis, axes in strategy.weight_rules.items() if axis not in BATCH_ONLY for a in axes
+    }
+    span = 1
+    for name, size in reversed(strategy.mesh_shape):  # innermost first
+        span *= size
+        if name in moving and span > hw.per_node:
+            return hw.network_bandwidth
+    return hw.nvlink_bandwidth
