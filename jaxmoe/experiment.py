@@ -142,8 +142,11 @@ def experiment_rows(
 
     At full scale, claims for other models (`Claim.model`) follow: each strategy and phase they
     claim, compiled for that model (phases and strategies it claims nothing for are skipped).
-    A row at another count than the paper's carries `scaling`: the bound's scaling efficiency
-    (and the claims') against the paper's count, in the phase the paper's TPS measures."""
+    At another count than the paper's that it claims figures for (its scaling claims, at full
+    scale) the rows are those claims' alone, its own model included; at any other count, its
+    model in every phase. A row at another count than the paper's carries `scaling`: the bound's
+    scaling efficiency (and the claims') against the paper's count, in the phase the paper's TPS
+    measures."""
     counts = check_counts(counts or (exp.n_devices,), len(devices))
     cfg = exp.config(scale)
     reference = _one_device_tokens(cfg) if measure else None
@@ -151,10 +154,15 @@ def experiment_rows(
     found: list[tuple[ModelConfig, dict]] = []  # each row with the model it is for
     for n in counts:
         at = _Count(n, hardware_at(exp, hw, n), tuple(devices[:n]))
+        claims_only = (  # a count of its scaling claims: their rows alone
+            scale == "full"
+            and n != exp.n_devices
+            and any(exp.devices_of(c) == n for c in exp.claims)
+        )
         for model, label in models.items():
-            own = model == cfg
+            every = model == cfg and not claims_only  # its model in every phase
             for compared, name in zip(exp.strategies, exp.strategies_at(n), strict=True):
-                phases = [p for p in PHASES if own or _claimed(exp, name, p, model, n)]
+                phases = [p for p in PHASES if every or _claimed(exp, name, p, model, n)]
                 if phases:
                     rows = _strategy_rows(
                         exp, name, model, label, phases, at, measure, reference, scale

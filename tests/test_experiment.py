@@ -6,6 +6,7 @@ import json
 import pytest
 
 from experiments import run
+from tests import forked_cli
 
 
 def experiment(tmp_path, *args):
@@ -32,7 +33,8 @@ def assert_claim_beside_bound(row, **claimed):
     assert {k: row["claimed"][k] for k in claimed} == claimed
     bound = row["bound"]
     assert bound and bound["seconds"] > 0 and row["fits"] is not None
-    beats = claimed.get("tps", 0) > bound["tps"] or claimed.get("tpot_ms", 1e9) < bound["tpot_ms"]
+    too_fast = "tps" in claimed and claimed["tps"] > bound["tps"]
+    beats = too_fast or ("tpot_ms" in claimed and claimed["tpot_ms"] < bound["tpot_ms"])
     assert row["claim_exceeds_bound"] is beats
 
 
@@ -73,6 +75,9 @@ def test_paper000_tiny_measures_and_matches_one_device(tmp_path):
         (["experiment", "paper999"], "unknown paper 'paper999'; choose one of paper000"),
         (["experiment", "paper000", "--hardware", "tpu"], "unknown hardware profile 'tpu'"),
         (["compare", "--config", "nope"], "choose one of bench_moe"),
+        (["experiment", "paper002", "--devices", "8,x"], "'x' is not a device count"),
+        (["experiment", "paper002", "--devices", "0"], "--devices 0: 0 must be at least 1"),
+        (["experiment", "paper002", "--devices", "16,8,16"], "16 is given twice"),
     ],
 )
 def test_bad_names_get_one_line(args, message, capsys):
@@ -144,3 +149,51 @@ def test_paper004_full_bounds_dense_and_moe(tmp_path, capsys):
     assert dense["memory"] != moe["memory"]  # another program: no experts
     assert "dense" in capsys.readouterr().out
     assert (tmp_path / "paper004_full.png").stat().st_size > 10_000
+
+
+def test_paper002_full_scales_to_8_and_32(tmp_path):
+    """Both layouts at 8, 16 and 32 devices, each bounded on as many H100s (nodes of 8); the
+    scaling claims derived from the 16-GPU TPS (strong: at 8 on the same batch; weak: at 32 on
+    twice the batch, prefilling twice the sequences) beside their bounds and flagged where above;
+    the bound's own scaling efficiency beside the claimed one. In a process of its own: the
+    command makes the 32 CPU devices it needs (a worker may have started JAX with fewer)."""
+    out = tmp_path / "out.json"  # no plot: 8 programs compile already
+    done = forked_cli.run(
+        "experiment", "paper002", "--scale", "full", "--devices", "8,16,32", "--json", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(out.read_text())
+    layouts = {8: ("tp8", "heads4_dims2"), 16: ("tp8_pp2", "heads_dims_4x4"),
+               32: ("tp8_pp4", "heads8_dims4")}  # fmt: skip
+    derived = {"tp8": 1_200_000 / 1.7, "heads4_dims2": 1_580_000 / 1.7,
+               "tp8_pp4": 2_400_000, "heads8_dims4": 3_160_000}  # fmt: skip
+    tps, flagged = {}, []
+    for n, names in layouts.items():
+        for name in names:
+            row = rows_of(doc, name, "prefill", "B 256" if n == 32 else "B 128")
+            assert (row["devices"], row["hardware"]) == (n, f"h100x{n}")
+            assert row["bound"]["seconds"] > 0 and row["fits"] is True
+            tps[name] = row["bound"]["tps"]
+            if n != 16:  # the scaling claims: derived, beside their bound, flagged if above it
+                assert row["claimed"]["tps"] == pytest.approx(derived[name])
+                assert row["claimed"]["source"].startswith("derived")
+                assert_claim_beside_bound(row, tps=row["claimed"]["tps"])
+                flagged += [name] * row["claim_exceeds_bound"]
+    assert flagged  # at least one derived claim is above what the H100s allow
+    # at 8 and 32 the claims' rows alone (prefill; B 256 at 32), at 16 both phases as ever
+    assert sorted((r["devices"], r["phase"]) for r in doc["rows"]) == [
+        *[(8, "prefill")] * 2, *[(16, "decode")] * 2, *[(16, "prefill")] * 2,
+        *[(32, "prefill")] * 2]  # fmt: skip
+    for small, paper in (("tp8", "tp8_pp2"), ("heads4_dims2", "heads_dims_4x4")):
+        strong = rows_of(doc, small, "prefill", "B 128")["scaling"]
+        assert strong["kind"] == "strong" and strong["devices"] == [8, 16]
+        assert strong["batch"] == [128, 128]  # the same batch
+        assert strong["claimed_efficiency"] == pytest.approx(0.85)
+        assert strong["bound_efficiency"] == pytest.approx(tps[paper] / (2 * tps[small]))
+    weak_row = rows_of(doc, "tp8_pp4", "prefill", "B 256")
+    assert weak_row["batch"] == 32  # twice the paper's prefill of 16 sequences
+    weak = weak_row["scaling"]
+    assert (weak["kind"], weak["devices"], weak["batch"]) == ("weak", [16, 32], [128, 256])
+    assert weak["claimed_efficiency"] == pytest.approx(1.0)
+    assert weak["bound_efficiency"] == pytest.approx(tps["tp8_pp4"] / (2 * tps["tp8_pp2"]))
+    assert "bound's efficiency" in done.stdout and "8 (h100x8)" in done.stdout

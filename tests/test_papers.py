@@ -66,9 +66,22 @@ def test_both_scales_fit_each_strategy(exp, strategy):
 def test_claims_name_compared_strategies(exp):
     assert exp.claims
     for claim in exp.claims:
-        assert claim.strategy in exp.strategies
+        assert claim.strategy in exp.strategies_at(exp.devices_of(claim))
         assert claim.tps or claim.tpot_ms
         assert claim.source
+
+
+def test_scaled_layouts_fit_their_count():
+    """Each layout an experiment scales its strategies to spans that count and lays out both
+    scales of its model (and a claimed model's batch)."""
+    for exp in EXPERIMENTS:
+        for n, names in exp.layouts_at:
+            assert len(names) == len(exp.strategies) and n != exp.n_devices
+            for name in names:
+                layout = meshes.get(name)
+                assert layout.n_devices == n
+                for cfg in (exp.tiny, exp.full, exp.full.replace(batch=2 * exp.full.batch)):
+                    layout.check(cfg, n)
 
 
 def test_claims_for_other_models_fit_their_strategy():
@@ -77,7 +90,8 @@ def test_claims_for_other_models_fit_their_strategy():
             if claim.model is not None:
                 assert claim.model.name == exp.name  # the same model, another configuration
                 for batch in (claim.model.batch, 16):  # decode, and prefill's 16 sequences
-                    meshes.get(claim.strategy).check(claim.model.replace(batch=batch), 16)
+                    layout = meshes.get(claim.strategy)
+                    layout.check(claim.model.replace(batch=batch), exp.devices_of(claim))
 
 
 def test_paper004_claims_are_its_results_table():
@@ -100,6 +114,44 @@ def test_paper004_claims_are_its_results_table():
     dense = claims_on(exp, "tp8_pp2", moe_every=0)[0].model
     assert dense == exp.full.replace(moe_every=0)  # the same 4 layers, every MLP dense
     assert list(exp.models().values()) == ["MoE", "dense"]
+
+
+def test_paper002_scaling_claims_are_its_extended_analysis():
+    """'Strong Scaling: 85% efficiency at 16 GPUs vs 8 GPUs' and 'Weak Scaling: Performance
+    scales linearly to 32 GPUs', read from the paper, applied to its 16-GPU TPS: the TPS they
+    imply at 8 GPUs (the same batch) and at 32 (twice the batch), each a claim for the layout
+    at that count; the 16-GPU claims stay as the table has them."""
+    exp = registry.get("paper002")
+    text = paper_text(exp)
+    efficiency, large, small = map(
+        int,
+        re.search(r"Strong Scaling\*\*: (\d+)% efficiency at (\d+) GPUs vs (\d+)", text).groups(),
+    )
+    linear_to = int(
+        re.search(r"Weak Scaling\*\*: Performance scales linearly to (\d+) GPUs", text)[1]
+    )
+    table = dict(re.findall(r"^\| (Baseline|Proposed) \| ([\d,]+) \|", text, re.MULTILINE))
+    tps = {method: int(value.replace(",", "")) for method, value in table.items()}
+    assert (efficiency, large, small, linear_to) == (85, 16, 8, 32) and len(tps) == 2
+    at = {8: ("tp8", "heads4_dims2"), 16: ("tp8_pp2", "heads_dims_4x4"),
+          32: ("tp8_pp4", "heads8_dims4")}  # fmt: skip
+    assert exp.n_devices == large and dict(exp.layouts_at) == {8: at[8], 32: at[32]}
+    for i, method in enumerate(("Baseline", "Proposed")):
+        (own,) = [c for c in exp.claims if c.strategy == at[16][i]]
+        assert (own.tps, own.devices, own.model) == (tps[method], None, None)
+        (strong,) = [c for c in exp.claims if c.strategy == at[small][i]]
+        assert strong.devices == small and strong.model is None  # the same batch
+        assert strong.tps == pytest.approx(tps[method] / (large / small * efficiency / 100))
+        (weak,) = [c for c in exp.claims if c.strategy == at[linear_to][i]]
+        grown = exp.full.replace(batch=exp.full.batch * linear_to // large)  # weak: batch grows
+        assert weak.devices == linear_to and weak.model == grown
+        assert weak.tps == pytest.approx(tps[method] * linear_to / large)
+        for claim in (strong, weak):
+            assert claim.source.startswith("derived") and method in claim.source
+            assert claim.tpot_ms is None  # TPS scales; nothing said of TPOT
+    assert len(exp.claims) == 6
+    assert list(exp.models().values()) == ["B 128", "B 256"]
+    assert list(exp.models([16]).values()) == [None]  # the 16-GPU run: its own model alone
 
 
 def test_paper001_claims_its_tpot_by_sequence_length():
