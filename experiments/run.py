@@ -168,7 +168,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "plan", help="search the layouts of the devices, rank the best by their bound"
     )
     plan.add_argument("--config", default="paper000", help="a preset or a paper (its full model)")
-    plan.add_argument("--hardware", default="h100x16", help="a hardware profile")
+    plan.add_argument(
+        "--hardware",
+        default="h100x16",
+        help="a hardware profile or cluster <gpu>x<count>[n<per_node>] (h100x64, b200x72n72)",
+    )
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     plan.add_argument("--batch", type=int, help="sequences (default: the config's)")
     plan.add_argument("--seq", type=int, help="context length (default: the config's)")

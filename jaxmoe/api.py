@@ -52,7 +52,8 @@ def layouts() -> dict[str, Layout]:
 
 
 def hardware(name: Hardware | str) -> Hardware:
-    """A hardware profile by name (`h100x16`, ...; see jaxmoe/assets/hardware.toml)."""
+    """A hardware profile by name: a cluster `<gpu>x<count>[n<per_node>]` (`h100x64`: 8 nodes
+    of 8; `b200x72n72`: one NVLink domain) or a named profile of jaxmoe/assets/hardware.toml."""
     return profiles.get(name) if isinstance(name, str) else name
 
 

@@ -4,13 +4,14 @@ by the hardware's bound.
 The candidates (by default every composition of parallelism axes whose sizes multiply to the
 device count, the registered layouts of that count and ma_separation's splits) are checked
 against the model (a layout that cannot split it is listed with the reason), estimated from
-their rule tables (`jaxmoe.estimate`: nothing compiled), pruned (a layout whose weights alone do
-not fit in the GPU's memory; then all but the `compile_top` best estimates of each phase), and
-the rest compiled on abstract inputs (no weights allocated, nothing run) and ranked by their
-roofline bound: prefill by tokens per second, decode by time per output token, the training step
-by tokens per second. A layout that does not fit ranks after every one that fits. Each row says
-what limits it (compute, memory bandwidth, or which collective on which mesh axes). A layout
-with no estimate of its own (the two-mesh separation) is always compiled.
+their rule tables (`jaxmoe.estimate`: nothing compiled), and compiled on abstract inputs (no
+weights allocated, nothing run) best estimate first, per phase, until `compile_top` of them fit
+in the GPU's memory (at most TRIES times as many compiled; a layout whose weights alone do not
+fit comes last); the rest are pruned. The compiled are ranked by their roofline bound: prefill
+by tokens per second, decode by time per output token, the training step by tokens per second.
+A layout that does not fit ranks after every one that fits. Each row says what limits it
+(compute, memory bandwidth, or which collective on which mesh axes). A layout with no estimate
+of its own (the two-mesh separation) is always compiled.
 
 An ma_separation split runs with the most ping-pong micro-batches, up to the config's
 `micro_batches`, that split its batches (named in the row when fewer).
@@ -111,6 +112,7 @@ class Plan:
 
 PHASES = ("prefill", "decode", "train")
 COMPILE_TOP = 3
+TRIES = 3  # programs compiled per phase, at most, per one wanted that fits
 
 
 def plan(
@@ -150,19 +152,33 @@ def plan(
             f"none of the {len(skipped)} candidates can run {cfg.name} (B {cfg.batch} x S "
             f"{cfg.seq_len}) on {n} devices; {first}: {reason}"
         )
-    work, pruned = [], {}
-    for phase in phases:
-        chosen, pruned[phase] = _choose(runnable, cfg, hw, phase, compile_top)
-        work += [(phase, *c) for c in chosen]
-    costs, cannot_rank = [], {p: {} for p in phases}
-    for phase, layout, sized, name, estimate in tqdm(
-        work, desc="compiling", unit="program", disable=not progress, file=sys.stderr
-    ):
-        try:
-            laid = layout.lay_out(_phase_config(sized, cfg, phase), devices)
-            costs.append((name, laid.phase_cost(phase, hw), estimate))
-        except ConfigError as err:
-            cannot_rank[phase][name] = str(err)
+    queues = {phase: _queue(runnable, cfg, hw, phase) for phase in phases}
+    bar = tqdm(
+        total=sum(len(a) + min(len(e), TRIES * compile_top) for a, e in queues.values()),
+        desc="compiling",
+        unit="program",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    costs, pruned, cannot_rank = [], {}, {}
+    for phase, (always, estimated) in queues.items():
+        pruned[phase], cannot_rank[phase] = {}, {}
+        fitting, tried = 0, 0
+        for layout, sized, name, e in [*always, *estimated]:
+            if e is not None and (fitting == compile_top or tried == TRIES * compile_top):
+                pruned[phase][name] = _pruned_why(e, hw, phase, compile_top)
+                continue
+            try:
+                laid = layout.lay_out(_phase_config(sized, cfg, phase), devices)
+                cost = laid.phase_cost(phase, hw)
+            except ConfigError as err:
+                cannot_rank[phase][name] = str(err)
+            else:
+                costs.append((name, cost, e))
+                if e is not None:
+                    tried, fitting = tried + 1, fitting + _fits(cost, hw)
+            bar.update()
+    bar.close()
     rows = [row for phase in phases for row in _ranked(phase, costs, hw)]
     return Plan(cfg, hw, n, len(layouts), tuple(rows), skipped, pruned, cannot_rank)
 
@@ -171,23 +187,25 @@ def _phase_config(sized: ModelConfig, cfg: ModelConfig, phase: str) -> ModelConf
     return sized.replace(batch=min(cfg.batch, PREFILL_BATCH)) if phase == "prefill" else sized
 
 
-def _choose(runnable, cfg: ModelConfig, hw: Hardware, phase: str, top: int):
-    """(the candidates to compile for `phase`, with their estimates; {name: why not} for the
-    rest): those without an estimate, and the `top` best estimates, fitting ones first."""
+def _queue(runnable, cfg: ModelConfig, hw: Hardware, phase: str):
+    """(the candidates without an estimate, those with one, best first: fitting ones, then by
+    estimated time), each as (layout, config, name, estimate)."""
     always, estimated = [], []
     for layout, sized, name in runnable:
         e = layout.estimate(_phase_config(sized, cfg, phase), hw, phase)
         (always if e is None else estimated).append((layout, sized, name, e))
     estimated.sort(key=lambda c: (not c[3].fits(hw), c[3].seconds, c[3].serial_seconds))
-    chosen, pruned = estimated[:top], {}
-    for _, _, name, e in estimated[top:]:
-        pruned[name] = (
-            f"its weights{' and Adam state' if phase == 'train' else ''} alone take "
-            f"{human_bytes(e.memory_bytes)} per device > {human_bytes(hw.hbm_bytes)}"
-            if not e.fits(hw)
-            else f"estimated {e.seconds * 1e3:.3g} ms per call, behind the {top} compiled"
+    return always, estimated
+
+
+def _pruned_why(e, hw: Hardware, phase: str, top: int) -> str:
+    if not e.fits(hw):
+        adam = " and Adam state" if phase == "train" else ""
+        return (
+            f"its weights{adam} alone take {human_bytes(e.memory_bytes)} per device > "
+            f"{human_bytes(hw.hbm_bytes)}"
         )
-    return [*always, *chosen], pruned
+    return f"estimated {e.seconds * 1e3:.3g} ms per call, behind the {top} best compiled"
 
 
 def _ranked(phase: str, costs, hw: Hardware) -> list[PlanRow]:

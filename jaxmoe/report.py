@@ -424,7 +424,8 @@ def plan_table(plan, prefill_batch: int, top: int | None = None) -> str:
         parts.append(f"{name} (B {batch}, {units[phase]}):\n\n{table(headers, body)}")
         unranked: dict[str, list[str]] = {}  # why -> the layouts it holds for
         for layout, reason in plan.cannot_rank[phase].items():
-            unranked.setdefault(reason.removeprefix(f"{layout}: "), []).append(layout)
+            base = layout.split(" (")[0]  # a variant's name: the layout's and what it changes
+            unranked.setdefault(reason.removeprefix(f"{base}: "), []).append(layout)
         for reason, layouts in unranked.items():
             parts.append(f"not ranked for {name}: {', '.join(layouts)}: {reason}")
     shown = list(plan.cannot_split.items())

@@ -203,7 +203,7 @@ def compose(c: Composition, name: str | None = None, description: str | None = N
         extra_checks=_checks(c),
         **(
             {
-                "run_layers": pipeline.gpipe(MeshAxis.PIPE, rules.get(Axis.BATCH, ())),
+                "run_layers": pipeline.gpipe(MeshAxis.PIPE),
                 "bubble_fraction": lambda cfg: pipeline.bubble_fraction(pp, cfg.micro_batches),
             }
             if pp > 1

@@ -17,10 +17,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from jaxmoe.axes import Axis
 from jaxmoe.config import ConfigError, ModelConfig
-from jaxmoe.sharding import scan_layers
+from jaxmoe.model.attention import RESIDUAL
+from jaxmoe.model.transformer import CACHE
+from jaxmoe.sharding import constrain, scan_layers
+
+STAGES = (Axis.LAYERS, *RESIDUAL)  # [P, B/M, S, D]: each stage's micro-batch on its devices
 
 
 def bubble_fraction(stages: int, micro_batches: int) -> float:
@@ -41,10 +46,10 @@ def check(cfg: ModelConfig, stages: int) -> None:
         )
 
 
-def gpipe(stage_axis: str, batch_axes: tuple[str, ...] = ()) -> Callable:
+def gpipe(stage_axis: str) -> Callable:
     """A layer runner (see `jaxmoe.sharding.LayerRunner`) pipelining over mesh axis `stage_axis`
-    with `cfg.micro_batches` micro-batches, each split over `batch_axes` as the batch is."""
-    rows = batch_axes or None
+    (the one the layers are split over) with `cfg.micro_batches` micro-batches. Each micro-batch
+    and its cache rows are split as the layout splits the batch, so picking one moves nothing."""
 
     def run(
         step: Callable, x: jax.Array, per_block: Any, cache: Any, mesh: Mesh, cfg: ModelConfig
@@ -59,15 +64,13 @@ def gpipe(stage_axis: str, batch_axes: tuple[str, ...] = ()) -> Callable:
         blocks = jax.tree.map(by_stage, per_block)
         # a stage's cache by micro-batch: [L, B, ...] -> [P, L/P, M, B/M, ...]
         cache = jax.tree.map(
-            lambda a: by_stage(a).reshape(*by_stage(a).shape[:2], m, -1, *a.shape[2:]), cache
+            lambda a: constrain(
+                by_stage(a).reshape(*by_stage(a).shape[:2], m, -1, *a.shape[2:]),
+                (CACHE[0], None, None, *CACHE[1:]),
+            ),
+            cache,
         )
-        # [M, B/M, S, D], each micro-batch split as the batch (the rows of stage buffers too)
-        micro = jax.lax.with_sharding_constraint(
-            x.reshape(m, x.shape[0] // m, *x.shape[1:]),
-            NamedSharding(mesh, PartitionSpec(None, rows)),
-        )
-        pin = NamedSharding(mesh, PartitionSpec(stage_axis, rows))
-        pin_outputs = NamedSharding(mesh, PartitionSpec(stage_axis, None, rows))
+        micro = constrain(x.reshape(m, x.shape[0] // m, *x.shape[1:]), (None, *RESIDUAL))
 
         def stage(h, stage_blocks, stage_cache, index, busy):
             """One stage's blocks on micro-batch `index`; its cache rows change only if busy."""
@@ -98,7 +101,7 @@ def gpipe(stage_axis: str, batch_axes: tuple[str, ...] = ()) -> Callable:
             busy = (t - stage_ids >= 0) & (t - stage_ids < m)  # [P]
             index = jnp.clip(t - stage_ids, 0, m - 1)  # [P] the micro-batch each stage has
             with jax.named_scope("pipeline_stages"):
-                state = jax.lax.with_sharding_constraint(state, pin)
+                state = constrain(state, STAGES)
                 out, step_stats, cache = run_stages(state, blocks, cache, index, busy)
             stats = jax.tree.map(
                 lambda acc, new: (
@@ -110,9 +113,9 @@ def gpipe(stage_axis: str, batch_axes: tuple[str, ...] = ()) -> Callable:
             # every stage files its result under the micro-batch the last stage just finished;
             # only the last stage's row is read, once, after the loop (no traffic per iteration)
             done = jnp.maximum(t - (stages - 1), 0)
-            outputs = jax.lax.with_sharding_constraint(outputs.at[:, done].set(out), pin_outputs)
+            outputs = constrain(outputs.at[:, done].set(out), (Axis.LAYERS, None, *RESIDUAL))
             with jax.named_scope("pipeline_shift"):
-                state = jax.lax.with_sharding_constraint(jnp.roll(out, 1, axis=0), pin)
+                state = constrain(jnp.roll(out, 1, axis=0), STAGES)
             return (state, outputs, stats, cache), None
 
         init = (

@@ -116,3 +116,11 @@ def test_textbook_follows_each_axis_size():
     assert compose.layout("dp2_ep4").textbook_bytes(cfg)["moe"] == pytest.approx(
         2 * slots / 2 * 3 / 16
     )
+
+
+@pytest.mark.parametrize("name", ["dp2_tp2_pp2", "heads2_dims2_pp2"])
+def test_pipelined_decode_reads_each_micro_batch_where_its_rows_are(name):
+    """A pipeline whose batch is split (over data, or over dims in attention) picks each
+    micro-batch and its cache rows in place: no gather in the decode step's layer loop."""
+    cost = meshes.get(name).lay_out(CONFIGS[8], jax.devices()).cost("decode")
+    assert cost.inventory.by_kind(in_loop=True)["all-gather"].count == 0

@@ -26,13 +26,15 @@ def test_search_accounts_for_every_layout_of_8_devices():
     parts = [set(result.cannot_split), set(result.pruned["train"]), set(ranked)]
     parts.append(set(result.cannot_rank["train"]))  # the separations: no training-step bound
     assert sum(len(p) for p in parts) == len(names) and set().union(*parts) == set(names)
-    assert len(ranked) == 2 and result.compiled == 2
+    fitting = [r for r in result.ranking("train") if r.fits]
+    assert len(fitting) == 2 or len(ranked) == 6  # until 2 fit, at most 3 x 2 compiled
+    assert result.compiled == len(ranked)
     assert all(n.startswith("ma_separation") for n in result.cannot_rank["train"])
     assert "alone take" in result.pruned["train"]["dp8"]  # a whole copy per device: pruned
-    assert any("behind the 2 compiled" in why for why in result.pruned["train"].values())
-    for name in ranked:  # the compiled are the best estimates that fit
+    assert any("behind the 2 best compiled" in why for why in result.pruned["train"].values())
+    for name in ranked:  # the compiled are the best estimates
         e = estimate(meshes.get(name), cfg, hw, "train")
-        assert e.fits(hw)
+        assert e.fits(hw)  # a whole copy per device comes after every layout split enough
         for other in result.pruned["train"]:
             e_other = estimate(meshes.get(other), cfg, hw, "train")
             assert not e_other.fits(hw) or e_other.seconds >= e.seconds, (name, other)
