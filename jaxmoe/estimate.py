@@ -23,10 +23,14 @@ import dataclasses
 import functools
 import math
 
+import jax
+from jax.sharding import PartitionSpec
+
 from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.axes import Axis
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.transformer import CACHE
+from jaxmoe.placement import abstract_model
 from jaxmoe.sharding import Strategy, logical_specs
 
 BATCH_ONLY = (Axis.BATCH, Axis.ATTN_BATCH, Axis.LM_BATCH, Axis.GROUP, Axis.LAYERS)
@@ -48,12 +52,8 @@ class Estimate:
 @functools.cache
 def _weights(cfg: ModelConfig) -> tuple[tuple[tuple, int, bool], ...]:
     """Each parameter's logical axes, bytes, and whether it is an expert weight."""
-    import jax
-
-    from jaxmoe.placement import abstract_model
-
     state = abstract_model(cfg)[1]
-    specs = jax.tree.leaves(logical_specs(state), is_leaf=lambda x: hasattr(x, "index"))
+    specs = jax.tree.leaves(logical_specs(state), is_leaf=lambda x: isinstance(x, PartitionSpec))
     return tuple(
         (tuple(spec), a.size * a.dtype.itemsize, Axis.EXPERT in tuple(spec))
         for spec, a in zip(specs, jax.tree.leaves(state), strict=True)

@@ -6,12 +6,13 @@ device count, the registered layouts of that count and ma_separation's splits) a
 against the model (a layout that cannot split it is listed with the reason), estimated from
 their rule tables (`jaxmoe.estimate`: nothing compiled), and compiled on abstract inputs (no
 weights allocated, nothing run) best estimate first, per phase, until `compile_top` of them fit
-in the GPU's memory (at most TRIES times as many compiled; a layout whose weights alone do not
-fit comes last); the rest are pruned. The compiled are ranked by their roofline bound: prefill
-by tokens per second, decode by time per output token, the training step by tokens per second.
-A layout that does not fit ranks after every one that fits. Each row says what limits it
-(compute, memory bandwidth, or which collective on which mesh axes). A layout with no estimate
-of its own (the two-mesh separation) is always compiled.
+in the GPU's memory with a bound within MISSED times their estimate (at most TRIES times as many
+compiled; a layout whose weights alone do not fit comes last); the rest are pruned. The
+compiled are ranked by their roofline bound: prefill by tokens per second, decode by time per
+output token, the training step by tokens per second. A layout that does not fit ranks after
+every one that fits. Each row says what limits it (compute, memory bandwidth, or which
+collective on which mesh axes). A layout with no estimate of its own (the two-mesh separation)
+is always compiled.
 
 An ma_separation split runs with the most ping-pong micro-batches, up to the config's
 `micro_batches`, that split its batches (named in the row when fewer).
@@ -113,6 +114,7 @@ class Plan:
 PHASES = ("prefill", "decode", "train")
 COMPILE_TOP = 3
 TRIES = 3  # programs compiled per phase, at most, per one wanted that fits
+MISSED = 2.0  # a bound this many times its estimate: the estimate missed what the program does
 
 
 def plan(
@@ -176,11 +178,17 @@ def plan(
             else:
                 costs.append((name, cost, e))
                 if e is not None:
-                    tried, fitting = tried + 1, fitting + _fits(cost, hw)
+                    tried, fitting = tried + 1, fitting + _as_estimated(cost, e, hw)
             bar.update()
     bar.close()
     rows = [row for phase in phases for row in _ranked(phase, costs, hw)]
     return Plan(cfg, hw, n, len(layouts), tuple(rows), skipped, pruned, cannot_rank)
+
+
+def _as_estimated(cost, e, hw: Hardware) -> bool:
+    """Whether a compiled candidate fits and its bound is within MISSED of its estimate (one the
+    estimate misses by more does not stop the search: the next estimates may be truer)."""
+    return _fits(cost, hw) and cost.bound.overlapped_s <= MISSED * e.seconds
 
 
 def _phase_config(sized: ModelConfig, cfg: ModelConfig, phase: str) -> ModelConfig:

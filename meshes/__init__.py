@@ -40,7 +40,8 @@ def candidates(n_devices: int) -> list[str]:
         for x in sorted({n_devices // 2, n_devices // 4, n_devices // 8} - {0})
         if (n_devices - x) % x == 0
     ]
-    separations = [s for s in splits if ma_separation.parse(s).name not in registered]
+    separations = [ma_separation.parse(s).name for s in splits]  # named as their layouts are
+    separations = [s for s in separations if s not in registered]
     return [*registered, *composed, *separations]
 
 

@@ -9,3 +9,4 @@ import jax
 os.environ["JAX_PLATFORMS"] = "cpu"
 jax.config.update("jax_num_cpu_devices", 32)
 jax.config.update("jax_platforms", "cpu")
+jax.devices()  # start JAX now: a command run in-process later cannot change the count
