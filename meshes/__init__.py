@@ -56,11 +56,6 @@ def get(name: str, transfer_bits: int = 0) -> Layout:
         return ma_separation.parse(name).with_options(transfer_bits=transfer_bits)
     if name in REGISTRY:
         return REGISTRY[name]
-    if ":" in name:
-        raise ConfigError(
-            f"unknown strategy {name!r}; choose from {', '.join(LAYOUTS)}, "
-            f"{ma_separation.NAME}:A+X, or axes with sizes ({compose.EXAMPLES})"
-        )
     if not compose.looks_composed(name):
         raise ConfigError(
             f"unknown strategy {name!r}; choose from {', '.join(LAYOUTS)} "

@@ -82,7 +82,7 @@ class Composition:
 
 def looks_composed(name: str) -> bool:
     """Whether the name is written as axes with sizes (known or not)."""
-    return all(_TOKEN.fullmatch(token) for token in name.split("_"))
+    return all(_TOKEN.fullmatch(token) for token in name.split("_"))  # `a:b` is not
 
 
 def parse(name: str) -> Composition:

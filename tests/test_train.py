@@ -138,11 +138,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_of_8_devices_train_like_one_of_16(tmp_path, uninterrupted):
+def two_processes(workdir: Path, *args: str) -> list[str]:
+    """The standard output of the two processes of one 8-step run over both, after each ends
+    with 0."""
     coordinator = f"--coordinator=127.0.0.1:{free_port()}"
     procs = [
         subprocess.Popen(
-            command(tmp_path, coordinator, "--num-processes=2", f"--process-id={i}"),
+            command(workdir, *args, coordinator, "--num-processes=2", f"--process-id={i}"),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -151,7 +153,12 @@ def test_two_processes_of_8_devices_train_like_one_of_16(tmp_path, uninterrupted
     ]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
-    assert "final: step 8" in outputs[0][0] and "final:" not in outputs[1][0]  # process 0 reports
+    return [out for out, _ in outputs]
+
+
+def test_two_processes_of_8_devices_train_like_one_of_16(tmp_path, uninterrupted):
+    outputs = two_processes(tmp_path)
+    assert "final: step 8" in outputs[0] and "final:" not in outputs[1]  # process 0 reports
     for step, loss in losses(tmp_path).items():
         assert loss == pytest.approx(uninterrupted[step], rel=1e-5), step
 
@@ -199,7 +206,7 @@ def test_checkpoints_of_another_strategy_or_model_are_refused_and_kept(tmp_path)
 
 def test_optimizer_state_is_sharded_like_the_parameters():
     cfg = preset("tiny_moe").replace(**SMALL)
-    trainer = make_trainer(cfg, meshes.get("ep16"), jax.devices(), TrainConfig())
+    trainer = make_trainer(cfg, meshes.get("ep16"), jax.devices()[:16], TrainConfig())
     params, opt_state = trainer.abstract_state
     batch = jax.ShapeDtypeStruct(
         (cfg.batch, cfg.seq_len + 1), "int32", sharding=trainer.batch_sharding
@@ -234,17 +241,6 @@ def test_composed_layouts_on_8_devices_learn_checkpoint_and_resume(tmp_path, str
     assert losses(tmp_path / "killed") == reference
     if strategy != "dp2_ep4":
         return
-    coordinator = f"--coordinator=127.0.0.1:{free_port()}"
-    procs = [
-        subprocess.Popen(
-            command(tmp_path / "two", *args, coordinator, "--num-processes=2", f"--process-id={i}"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    two_processes(tmp_path / "two", *args)
     for step, loss in losses(tmp_path / "two").items():
         assert loss == pytest.approx(reference[step], rel=1e-5), step
