@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec
 from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.axes import Axis
 from jaxmoe.config import ModelConfig
+from jaxmoe.memory_check import cache_bytes
 from jaxmoe.model.transformer import CACHE
 from jaxmoe.placement import abstract_model
 from jaxmoe.sharding import Strategy, logical_specs
@@ -92,8 +93,7 @@ def estimate(strategy: Strategy, cfg: ModelConfig, hw: Hardware, phase: str) -> 
     flops = (2 * active * tokens + 2 * attention * pairs) * (3 if phase == "train" else 1)
     busy = 1 - strategy.bubble_fraction(cfg)
     compute = flops / n / hw.peak_flops(cfg.dtype) / busy
-    cache = 2 * cfg.n_layers * pairs * cfg.n_heads * cfg.head_dim * cfg.compute_dtype.itemsize
-    cached = cache / _split(strategy, CACHE, param=False) if phase == "decode" else 0.0
+    cached = cache_bytes(cfg) / _split(strategy, CACHE, param=False) if phase == "decode" else 0.0
     memory = (read * (3 if phase == "train" else 1) + cached) / hw.hbm_bandwidth
     volume = strategy.textbook_bytes(step_cfg)
     sent = per_call * (cfg.n_dense_layers * volume["dense"] + cfg.n_moe_layers * volume["moe"])
