@@ -195,6 +195,29 @@ def activation_layout(mesh: Mesh, strategy: Strategy) -> Iterator[None]:
         _LAYOUT.reset(token)
 
 
+def active_layout() -> tuple[Mesh, Strategy] | None:
+    """The mesh and strategy of the enclosing `activation_layout` (None outside one)."""
+    return _LAYOUT.get()
+
+
+_STAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxmoe_stage", default=None)
+
+
+@contextlib.contextmanager
+def pipeline_stage(stage_axis: str) -> Iterator[None]:
+    """Within this context code is traced for one pipeline stage, run by `vmap` over the mesh
+    axis `stage_axis` (a manual region inside must be manual over it too)."""
+    token = _STAGE.set(stage_axis)
+    try:
+        yield
+    finally:
+        _STAGE.reset(token)
+
+
+def active_stage_axis() -> str | None:
+    return _STAGE.get()
+
+
 def laid_out_jit(mesh: Mesh, strategy: Strategy, fn: Callable, **kwargs) -> Callable:
     """`jax.jit` of `fn`, traced with `strategy`'s activation constraints on `mesh` in force."""
 

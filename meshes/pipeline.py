@@ -23,7 +23,7 @@ from jaxmoe.axes import Axis
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.model.attention import RESIDUAL
 from jaxmoe.model.transformer import CACHE
-from jaxmoe.sharding import constrain, scan_layers
+from jaxmoe.sharding import constrain, pipeline_stage, scan_layers
 
 STAGES = (Axis.LAYERS, *RESIDUAL)  # [P, B/M, S, D]: each stage's micro-batch on its devices
 
@@ -78,7 +78,8 @@ def gpipe(stage_axis: str) -> Callable:
                 lambda a: jax.lax.dynamic_index_in_dim(a, index, 1, False), stage_cache
             )
             first_row = index * micro.shape[1]
-            h, outputs, new = scan_layers(step, h, stage_blocks, rows, first_row=first_row)
+            with pipeline_stage(stage_axis):
+                h, outputs, new = scan_layers(step, h, stage_blocks, rows, first_row=first_row)
             stage_cache = jax.tree.map(
                 lambda a, old, new: jax.lax.dynamic_update_index_in_dim(
                     a, jnp.where(busy, new, old), index, 1

@@ -13,6 +13,7 @@ import meshes
 from jaxmoe.compare import compare_strategies
 from jaxmoe.config import ConfigError
 from jaxmoe.layout import textbook_per_layer
+from jaxmoe.spmd import gradient_sync_bytes
 from meshes import compose
 
 # both kinds of layer in one model; on 32 devices the batch and head dim the widest splits need
@@ -52,9 +53,10 @@ def test_loss_and_grads_match_one_device(name):
 
 
 def test_dp_and_fsdp_training_steps():
-    """dp sums each gradient once per step (an all-reduce of the parameters' bytes); fsdp holds
-    1/N of parameters and Adam's state and all-gathers each layer's weights in the layer loop."""
-    cfg = tiny(moe_every=2, n_layers=4)
+    """dp sums each gradient once per step (an all-reduce of the parameters' bytes, the LM head's
+    included though its loss runs in 4 chunks); fsdp holds 1/N of parameters and Adam's state,
+    all-gathers each layer's weights in the layer loop and reduce-scatters their gradients."""
+    cfg = tiny(moe_every=2, n_layers=4, loss_chunk_tokens=64)  # 4 chunks of the LM head
     dp, fsdp = compare_strategies(
         cfg, [meshes.get("dp8"), meshes.get("fsdp8")], jax.devices(), phase="train"
     )
@@ -67,6 +69,15 @@ def test_dp_and_fsdp_training_steps():
     gathered = fsdp.inventory.by_kind(in_loop=True)["all-gather"].bytes
     block_weights = params - 2 * (cfg.padded_vocab + cfg.seq_len + 1) * cfg.d_model  # no tables
     assert gathered >= 7 / 8 * block_weights * 0.99  # each layer's weights, gathered in the loop
+    # the gradients: reduce-scattered (the token table's needs nothing: each device adds its
+    # slice of every token's row); only the norms' scales, the position table and the router's
+    # statistics are all-reduced
+    kinds = fsdp.inventory.by_kind(in_loop=None)
+    textbook = gradient_sync_bytes(
+        meshes.get("fsdp8").lay_out(cfg, jax.devices()).abstract_params(), ("fsdp",)
+    )
+    assert 0.9 * textbook <= kinds["reduce-scatter"].bytes <= textbook
+    assert kinds["all-reduce"].bytes <= 0.01 * params
 
 
 @pytest.mark.parametrize(

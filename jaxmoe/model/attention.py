@@ -17,7 +17,8 @@ from flax import nnx
 
 from jaxmoe.axes import Axis
 from jaxmoe.config import ModelConfig
-from jaxmoe.model.params import weight
+from jaxmoe.model.params import axes_of, weight
+from jaxmoe.partial_sums import project
 from jaxmoe.sharding import constrain
 
 PROJ = (Axis.BATCH, Axis.SEQ, Axis.HEADS, Axis.HEAD_DIM)  # q, k, v, o as projected: [B, S, H, K]
@@ -50,7 +51,9 @@ class Attention(nnx.Module):
         dt = self.dtype
         with jax.named_scope("qkv"):
             q, k, v = (
-                constrain(jnp.einsum("BSD,DHK->BSHK", x, w[...].astype(dt)), PROJ)
+                constrain(
+                    project("BSD,DHK->BSHK", x, RESIDUAL, w[...].astype(dt), axes_of(w)), PROJ
+                )
                 for w in (self.wq, self.wk, self.wv)
             )
         with jax.named_scope("attention_core"):
@@ -73,5 +76,5 @@ class Attention(nnx.Module):
             o = constrain(jnp.einsum("BHST,BTHK->BSHK", probs, v), CORE)
         with jax.named_scope("out_proj"):
             o = constrain(o, PROJ)
-            y = jnp.einsum("BSHK,HKD->BSD", o, self.wo[...].astype(dt))
+            y = project("BSHK,HKD->BSD", o, PROJ, self.wo[...].astype(dt), axes_of(self.wo))
             return constrain(y, RESIDUAL), kv

@@ -1,13 +1,16 @@
 """The dense MLP: D -> F, GELU, F -> D."""
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jaxmoe.axes import Axis
 from jaxmoe.config import ModelConfig
-from jaxmoe.model.params import weight
+from jaxmoe.model.params import axes_of, weight
+from jaxmoe.partial_sums import project
 from jaxmoe.sharding import constrain
+
+RESIDUAL = (Axis.BATCH, Axis.SEQ, Axis.EMBED)  # [B, S, D]
+HIDDEN = (Axis.BATCH, Axis.SEQ, Axis.MLP)  # [B, S, F]
 
 
 class Mlp(nnx.Module):
@@ -19,7 +22,8 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, S, D] -> [B, S, D]."""
-        h = jnp.einsum("BSD,DF->BSF", x, self.w_in[...].astype(self.dtype))
-        h = constrain(jax.nn.gelu(h), (Axis.BATCH, Axis.SEQ, Axis.MLP))
-        y = jnp.einsum("BSF,FD->BSD", h, self.w_out[...].astype(self.dtype))
-        return constrain(y, (Axis.BATCH, Axis.SEQ, Axis.EMBED))
+        w_in, w_out = (w[...].astype(self.dtype) for w in (self.w_in, self.w_out))
+        h = project("BSD,DF->BSF", x, RESIDUAL, w_in, axes_of(self.w_in))
+        h = constrain(jax.nn.gelu(h), HIDDEN)
+        y = project("BSF,FD->BSD", h, HIDDEN, w_out, axes_of(self.w_out))
+        return constrain(y, RESIDUAL)

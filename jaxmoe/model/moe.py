@@ -23,12 +23,15 @@ from flax import nnx
 
 from jaxmoe.axes import Axis
 from jaxmoe.config import ModelConfig
-from jaxmoe.model.params import weight
+from jaxmoe.model.params import axes_of, weight
+from jaxmoe.partial_sums import project
 from jaxmoe.sharding import constrain
 
 TOKENS = (Axis.GROUP, None, Axis.EMBED)  # [G, S, D]
 AT_EXPERTS = (Axis.EXPERT, Axis.GROUP, Axis.CAPACITY, Axis.EMBED)  # [E, G, C, D]
 HIDDEN = (Axis.EXPERT, Axis.GROUP, Axis.CAPACITY, Axis.EXPERT_MLP)  # [E, G, C, F]
+SLOTS_IN = (Axis.EXPERT, Axis.GROUP, Axis.EMBED)  # an expert's slots [E, X, D], split as G
+SLOTS_HIDDEN = (Axis.EXPERT, Axis.GROUP, Axis.EXPERT_MLP)  # [E, X, F]
 AT_GROUPS = (Axis.GROUP, Axis.EXPERT, Axis.CAPACITY, Axis.EMBED)  # [G, E, C, D]
 ROUTED = (Axis.GROUP, None, None)  # router logits, probabilities, choices: [G, S, E]
 SLOTS = (Axis.GROUP, None, None, None)  # dispatch and combine masks: [G, S, E, C]
@@ -130,9 +133,10 @@ class Moe(nnx.Module):
         # G and C apart, XLA's CPU backend transposes the hidden activations for the weight
         # gradients, which made the experts' backward pass nearly twice as slow
         x = x.reshape(e, g * c, d)
-        h = jnp.einsum("EXD,EDF->EXF", x, self.w_in[...].astype(dt))
+        h = project("EXD,EDF->EXF", x, SLOTS_IN, self.w_in[...].astype(dt), axes_of(self.w_in))
         if cfg.expert_form == "swiglu":
-            gate = jnp.einsum("EXD,EDF->EXF", x, self.w_gate[...].astype(dt))
+            w_gate = self.w_gate[...].astype(dt)
+            gate = project("EXD,EDF->EXF", x, SLOTS_IN, w_gate, axes_of(self.w_gate))
             h = jax.nn.silu(gate) * h
         else:
             h = jax.nn.gelu(h)
@@ -145,7 +149,8 @@ class Moe(nnx.Module):
                 out_axes=1,
             )(keys)  # [E, G, C, F]
             h = jnp.where(keep, h / (1.0 - cfg.expert_dropout), 0).astype(dt)
-        y = jnp.einsum("EXF,EFD->EXD", h.reshape(e, g * c, -1), self.w_out[...].astype(dt))
+        h, w_out = h.reshape(e, g * c, -1), self.w_out[...].astype(dt)
+        y = project("EXF,EFD->EXD", h, SLOTS_HIDDEN, w_out, axes_of(self.w_out))
         return constrain(y.reshape(e, g, c, d), AT_EXPERTS)  # where the experts are, not G's
 
     def __call__(
@@ -157,8 +162,9 @@ class Moe(nnx.Module):
         group = cfg.group_for(s)
         xg = constrain(x.reshape(b * s // group, group, d), TOKENS)
         with jax.named_scope("router"):
-            logits = jnp.einsum(
-                "GSD,DE->GSE", xg.astype(jnp.float32), self.router[...].astype(jnp.float32)
+            router = self.router[...].astype(jnp.float32)
+            logits = project(
+                "GSD,DE->GSE", xg.astype(jnp.float32), TOKENS, router, axes_of(self.router)
             )
             dispatch, combine, stats = route(
                 constrain(logits, ROUTED), cfg.top_k, cfg.capacity_for(group)

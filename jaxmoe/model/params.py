@@ -15,14 +15,19 @@ def weight(
 ) -> nnx.Param:
     """A normal(0, std) weight in the config's parameter dtype, named by logical axes."""
     value = std * jax.random.normal(rngs.params(), tuple(shape), dtype=jnp.float32)
-    return nnx.Param(
-        value.astype(cfg.weight_dtype), sharding_names=tuple(axes), eager_sharding=False
-    )
+    return nnx.Param(value.astype(cfg.weight_dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def axes_of(param: nnx.Param) -> tuple[Axis, ...]:
+    """The logical axes of a parameter's dimensions (within a block of stacked layers, those of
+    one layer: the stacking axes come first)."""
+    names = tuple(param.get_metadata()["out_sharding"])
+    return names[len(names) - param[...].ndim :]
 
 
 def ones(cfg: ModelConfig, shape: Sequence[int], axes: Sequence[Axis]) -> nnx.Param:
     return nnx.Param(
-        jnp.ones(tuple(shape), cfg.weight_dtype), sharding_names=tuple(axes), eager_sharding=False
+        jnp.ones(tuple(shape), cfg.weight_dtype), out_sharding=tuple(axes), eager_sharding=False
     )
 
 

@@ -20,10 +20,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxmoe.axes import Axis
+from jaxmoe.partial_sums import partial_sums, split_over, sum_parts
 from jaxmoe.sharding import constrain
 
 ROWS = (Axis.LM_BATCH, None, None)  # the head's inputs [B, c, D]: whole rows on every vocab shard
 CHUNK_LOGITS = (Axis.LM_BATCH, None, Axis.VOCAB)  # [B, c, V]
+HEAD = (Axis.EMBED, Axis.VOCAB)  # the head's table [D, V]
 PADDING = -1e9  # the logit of a padding vocabulary entry: it never wins
 
 
@@ -70,17 +72,21 @@ def _forward(x, w, targets, vocab_size, chunk_tokens):
     n = b * s
     xs, ts = _chunks(constrain(x, ROWS), targets, chunk_len(b, s, chunk_tokens))
 
+    # the table's gradient as each batch shard's partial sums, added over devices after the loop
+    split = split_over(ROWS, (0, 1))
+
     def body(dw, chunk):
         xc, tc = chunk
         probs, hit, nll = _chunk(xc, w, tc, vocab_size)
         dlogits = constrain(jnp.where(hit, probs - 1.0, probs) / n, CHUNK_LOGITS)
         dx = jnp.einsum("BSV,DV->BSD", dlogits, w, preferred_element_type=jnp.float32)
-        dw = dw + jnp.einsum("BSD,BSV->DV", xc, dlogits, preferred_element_type=jnp.float32)
+        dw = dw + partial_sums("BSD,BSV->DV", xc, ROWS, dlogits, CHUNK_LOGITS, split)
         return dw, (jnp.sum(nll), dx.astype(x.dtype))
 
-    dw, (nll, dx) = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), (xs, ts))
+    parts = jnp.zeros((split.parts if split else 1, *w.shape), jnp.float32)
+    parts, (nll, dx) = jax.lax.scan(body, parts, (xs, ts))
     dx = jnp.moveaxis(dx, 0, 1).reshape(x.shape)
-    return jnp.sum(nll) / n, (dx, dw.astype(w.dtype), targets)
+    return jnp.sum(nll) / n, (dx, sum_parts(parts, HEAD, split).astype(w.dtype), targets)
 
 
 def _backward(vocab_size, chunk_tokens, residuals, g):
