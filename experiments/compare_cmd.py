@@ -4,8 +4,10 @@ import argparse
 import json
 
 import jaxmoe
+import meshes
 from experiments.configs import config, enough_devices, seed, strategies
 from jaxmoe import platform
+from jaxmoe.compare import can_split
 from jaxmoe.config import ConfigError, with_overrides
 from jaxmoe.memory_check import check_fits, host_memory_bytes
 from jaxmoe.paths import writable_file
@@ -25,7 +27,10 @@ def check_devices(strategies: list, devices: int) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = with_overrides(config(args.config), assignments=args.set)
-    layouts = strategies(args.strategies, args.transfer_bits)
+    named = args.strategies is not None  # else every registered layout that can split the model
+    layouts = strategies(args.strategies if named else ",".join(meshes.LAYOUTS), args.transfer_bits)
+    if not named:
+        layouts, _ = can_split(cfg, layouts)  # jaxmoe.compare lists the others
     if args.devices is not None:
         check_devices(layouts, args.devices)
     seed(args.seed, "--seed")
@@ -45,7 +50,10 @@ def run(args: argparse.Namespace) -> None:
         used = max(s.n_devices for s in layouts)
         enough_devices(chosen, used, "the strategies")
         devices = devices[:used]
-    result = jaxmoe.compare(cfg, layouts, phase=args.phase, devices=devices, seed=args.seed)
+    result = jaxmoe.compare(
+        cfg, layouts if named else None, phase=args.phase, devices=devices, seed=args.seed,
+        transfer_bits=args.transfer_bits,
+    )  # fmt: skip
     print(result.table())
     if args.json:
         args.json.write_text(json.dumps(result.to_json(), indent=2) + "\n")

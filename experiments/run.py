@@ -90,8 +90,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     compare.add_argument(
         "--strategies",
-        default=",".join(meshes.LAYOUTS),
-        help="comma-separated; ma_separation:A+X[/R] for another sub-mesh split",
+        help="comma-separated; ma_separation:A+X[/R] for another sub-mesh split (default: every "
+        "registered layout that can split the model, the others listed with the reason)",
     )
     compare.add_argument(
         "--transfer-bits",

@@ -17,7 +17,7 @@ import jax
 from jaxmoe import catalogue, report
 from jaxmoe.analysis import hardware as profiles
 from jaxmoe.analysis.hardware import Hardware
-from jaxmoe.compare import LayoutReport, check_finite, compare_strategies
+from jaxmoe.compare import LayoutReport, can_split, check_finite, compare_strategies
 from jaxmoe.config import ModelConfig
 from jaxmoe.experiment import PREFILL_BATCH, Experiment, experiment_rows
 from jaxmoe.explain import Explanation
@@ -69,21 +69,27 @@ def _devices(devices: Sequence[jax.Device] | None) -> list[jax.Device]:
 # ---- compare ----------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-    """Each layout's programs for one phase; for the forward pass, against one device."""
+    """Each layout's programs for one phase; for the forward pass, against one device.
+    `cannot_split`: (layout, reason) for each registered layout left out because it cannot split
+    the model (only when no layouts were named)."""
 
     config: ModelConfig
     phase: Phase
     reports: tuple[LayoutReport, ...]
+    cannot_split: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict:
         return {
             "config": dataclasses.asdict(self.config),
             "phase": self.phase,
             "strategies": {r.strategy: r.to_json(self.config) for r in self.reports},
+            "cannot_split": dict(self.cannot_split),
         }
 
     def table(self) -> str:
-        return report.compare_table(self.config, self.reports)
+        lines = [f"\ncannot split {self.config.name}:"] if self.cannot_split else []
+        lines += [f"  {name:<20} {reason}" for name, reason in self.cannot_split]
+        return "\n".join([report.compare_table(self.config, self.reports), *lines])
 
     def check_finite(self) -> None:
         """One-line ConfigError naming who gave NaN or infinite logits, if anyone did."""
@@ -99,13 +105,16 @@ def compare(
     seed: int = 0,
     transfer_bits: int = 0,
 ) -> Comparison:
-    """Lay `cfg` out under each layout (default: every registered one). The forward pass runs
-    on the same parameters and tokens as one device and is held against it; other phases are
-    compiled on abstract inputs. Collectives per layer, bytes against the textbook, memory."""
+    """Lay `cfg` out under each layout (default: every registered one that can split it; the
+    others are listed with the reason). The forward pass runs on the same parameters and tokens
+    as one device and is held against it; other phases are compiled on abstract inputs.
+    Collectives per layer, bytes against the textbook, memory."""
     model = config(cfg)
-    chosen = _layouts(layouts, transfer_bits)
+    chosen, refused = _layouts(layouts, transfer_bits), ()
+    if layouts is None:
+        chosen, refused = can_split(model, chosen)
     reports = compare_strategies(model, chosen, _devices(devices), seed=seed, phase=phase)
-    return Comparison(model, phase, tuple(reports))
+    return Comparison(model, phase, tuple(reports), refused)
 
 
 # ---- explain ----------------------------------------------------------------------------------

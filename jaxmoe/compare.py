@@ -76,6 +76,27 @@ def random_tokens(cfg: ModelConfig, seed: int) -> jax.Array:
     return jax.random.randint(jax.random.key(seed), (cfg.batch, cfg.seq_len), 0, cfg.vocab_size)
 
 
+def can_split(
+    cfg: ModelConfig, layouts: Sequence[Layout]
+) -> tuple[list[Layout], tuple[tuple[str, str], ...]]:
+    """The layouts that can split `cfg`, and (name, the one-line reason) for each of the others:
+    nothing is compiled. A ConfigError if none can."""
+    able, refused = [], []
+    for layout in layouts:
+        try:
+            layout.check(cfg)
+        except ConfigError as e:
+            refused.append((layout.name, str(e)))
+        else:
+            able.append(layout)
+    if not able:
+        raise ConfigError(
+            f"none of {len(refused)} layouts can split {cfg.name}, e.g. {refused[0][1]}; "
+            "name a layout that fits the model with --strategies"
+        )
+    return able, tuple(refused)
+
+
 def compare_strategies(
     cfg: ModelConfig,
     layouts: Sequence[Layout],

@@ -13,6 +13,8 @@ import pytest
 from tiny import DEVICES, tiny
 
 import jaxmoe
+import meshes
+from jaxmoe.compare import can_split
 from jaxmoe.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,3 +75,16 @@ def test_notebooks_use_the_api_only():
         code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
         assert "import jaxmoe" in code, path.name
         assert not re.search(r"^\s*(from|import) (experiments|meshes)\b", code, re.M), path.name
+
+
+def test_compare_without_layouts_lists_those_that_cannot_split_the_model():
+    """No layout named: every registered one that can split the model, each other one listed
+    with its one-line reason (checked before anything is compiled)."""
+    cfg = tiny(n_heads=8, head_dim=8)  # 8 heads: tp16 cannot split them
+    able, refused = can_split(cfg, list(meshes.LAYOUTS.values()))
+    assert [name for name, _ in refused] == ["tp16"]
+    assert "splits n_heads=8 over mesh axes tensor" in refused[0][1]
+    assert [s.name for s in able] == [n for n in meshes.LAYOUTS if n != "tp16"]
+    shown = jaxmoe.api.Comparison(cfg, "train", (), refused)
+    assert f"cannot split {cfg.name}:\n  tp16 " in shown.table()
+    assert shown.to_json()["cannot_split"] == {"tp16": refused[0][1]}

@@ -41,6 +41,7 @@ CASES = [
     (["--strategies", "tp16", "--set", "n_heads=12"], "splits n_heads=12"),
     (["--strategies", "ep16", "--set", "n_experts=24"], "splits n_experts=24"),
     (["--strategies", "heads_dims_4x4", "--set", "batch=6"], "splits batch=6"),
+    (["--set", "batch=3", "--set", "n_heads=3"], "none of 6 layouts can split tiny_moe, e.g."),
     (["--strategies", "tp8_pp2", "--set", "micro_batches=3"], "micro_batches=3"),
     (["--strategies", "tp8_pp2", "--set", "n_layers=3"], "n_layers=3"),
     (["--strategies", ""], "--strategies '' is empty"),
