@@ -24,6 +24,7 @@ from jaxmoe import report
 from jaxmoe.analysis.collectives import Inventory
 from jaxmoe.config import ModelConfig
 from jaxmoe.layout import Layout, Phase
+from jaxmoe.model.counts import param_counts
 from jaxmoe.placement import path_name
 
 
@@ -91,6 +92,8 @@ class Explanation:
     parameters: tuple[dict, ...]  # path, shape, logical axes, partition spec, bytes per device
     collectives: tuple[dict, ...]  # kind, mesh axes, where, count, bytes sent per device
     memory_per_device: dict[str, int]
+    params_total: int  # the model's parameters
+    params_active: int  # those one token uses (top_k of each MoE layer's experts)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {
@@ -107,6 +110,7 @@ def explain(
 ) -> Explanation:
     """The explanation of `layout` for `cfg` and `phase` (see the module docstring)."""
     doc = layout.lay_out(cfg, devices).explain(phase)
+    counts = param_counts(cfg)
     return Explanation(
         doc["strategy"],
         doc["phase"],
@@ -114,4 +118,6 @@ def explain(
         tuple(doc["parameters"]),
         tuple(doc["collectives"]),
         doc["memory_per_device"],
+        counts.total,
+        counts.active,
     )

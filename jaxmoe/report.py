@@ -382,8 +382,11 @@ def explain_text(doc: dict) -> str:
         ("memory per device", "bytes"),
         [(k.replace("_", " "), human_bytes(v)) for k, v in doc["memory_per_device"].items()],
     )
+    counts = (
+        f"parameters: {doc['params_total']:,} in total, {doc['params_active']:,} active per token"
+    )
     return (
-        f"{doc['strategy']} on {mesh_text}\n\n{params}\n\n"
+        f"{doc['strategy']} on {mesh_text}\n{counts}\n\n{params}\n\n"
         f"collectives of {PHASE_TITLES[doc['phase']]}\n\n{collectives}\n\n{memory}"
     )
 

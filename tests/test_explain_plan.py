@@ -1,6 +1,7 @@
 """`explain` reads a layout out of its compiled programs; `plan` ranks layouts by their bound."""
 
 import json
+import math
 
 import jax
 import pytest
@@ -25,6 +26,12 @@ def test_explain_gives_the_golden_partition_specs(strategy):
     assert memory["parameters"] == sum(p["bytes_per_device"] for p in doc["parameters"])
     assert memory["optimizer_state"] >= 2 * memory["parameters"]  # Adam's two moments
     assert memory["activations"] > 0 and memory["kv_cache"] > 0
+    # the parameter counts (from the config) against the parameters the program holds
+    sizes = {p["path"]: math.prod(p["shape"]) for p in doc["parameters"]}
+    assert doc["params_total"] == sum(sizes.values())
+    experts = sum(n for path, n in sizes.items() if "expert" in by_path[path]["logical_axes"])
+    cfg = tiny(True, moe_every=2, n_layers=4)
+    assert doc["params_active"] == doc["params_total"] - experts * (1 - cfg.top_k / cfg.n_experts)
 
 
 def test_explain_ep16_names_its_all_to_alls_per_layer():
