@@ -3,9 +3,10 @@
 The training loss never holds the whole [B, S, V] logits. The forward pass runs the head over
 sequence chunks of about `chunk_tokens` tokens; each chunk's logits give its losses and, at once,
 its gradients (softmax minus the target's one-hot), which are applied to the chunk's inputs and
-accumulated for the [D, V] weight. The backward pass then only scales those by the incoming
-cotangent, so nothing is recomputed. With a 50k vocabulary this keeps a few hundred MiB of logits
-out of memory and runs faster than the unfused head (the logits stay in cache).
+accumulated for the [D, V] weight: as each batch shard's partial sums, added over the devices
+once after the last chunk (`jaxmoe.partial_sums`). The backward pass then only scales those by
+the incoming cotangent, so nothing is recomputed. With a 50k vocabulary this keeps a few hundred
+MiB of logits out of memory and runs faster than the unfused head (the logits stay in cache).
 
 A strategy that splits the vocabulary (`Axis.VOCAB`) makes the head vocab-parallel: each device
 computes its slice of every chunk's logits, and only the log-sum-exp statistics and the [B, c, D]
