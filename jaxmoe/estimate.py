@@ -32,7 +32,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.memory_check import cache_bytes
 from jaxmoe.model.transformer import CACHE
 from jaxmoe.placement import abstract_model
-from jaxmoe.sharding import Strategy, logical_specs
+from jaxmoe.sharding import Strategy, logical_specs, part_axes
 
 BATCH_ONLY = (Axis.BATCH, Axis.ATTN_BATCH, Axis.LM_BATCH, Axis.GROUP, Axis.LAYERS)
 
@@ -63,12 +63,8 @@ def _weights(cfg: ModelConfig) -> tuple[tuple[tuple, int, bool], ...]:
 
 def _split(strategy: Strategy, logical: tuple, *, param: bool) -> int:
     sizes = strategy.axis_sizes
-    used = {a for part in strategy.spec(logical, param=param) if part for a in _names(part)}
+    used = {a for part in strategy.spec(logical, param=param) for a in part_axes(part)}
     return math.prod(sizes[a] for a in used)
-
-
-def _names(part) -> tuple[str, ...]:
-    return (part,) if isinstance(part, str) else tuple(part)
 
 
 def estimate(strategy: Strategy, cfg: ModelConfig, hw: Hardware, phase: str) -> Estimate:

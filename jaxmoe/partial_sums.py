@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmoe.axes import Axis
-from jaxmoe.sharding import MeshAxes, Strategy, active_layout, active_stage_axis
+from jaxmoe.sharding import MeshAxes, Strategy, active_layout, active_stage_axis, part_axes
 
 Logical = Sequence[Axis | None]
 
@@ -53,13 +53,9 @@ class Split:
         )  # fmt: skip
 
 
-def _names(part) -> tuple[str, ...]:
-    return () if part is None else (part,) if isinstance(part, str) else tuple(part)
-
-
 def _only(spec: PartitionSpec, keep: Callable[[str], bool]) -> PartitionSpec:
     """`spec` with only the mesh axes that `keep` accepts."""
-    return PartitionSpec(*(tuple(filter(keep, _names(part))) or None for part in spec))
+    return PartitionSpec(*(tuple(filter(keep, part_axes(part))) or None for part in spec))
 
 
 def split_over(logical: Logical, summed: Sequence[int]) -> Split | None:
@@ -71,7 +67,7 @@ def split_over(logical: Logical, summed: Sequence[int]) -> Split | None:
     mesh, strategy = layout
     stage = active_stage_axis()
     spec = strategy.spec(logical)
-    used = {a for i, part in enumerate(spec) if i in summed for a in _names(part)} - {stage}
+    used = {a for i, part in enumerate(spec) if i in summed for a in part_axes(part)} - {stage}
     axes = tuple(name for name in mesh.axis_names if name in used)
     return Split(mesh, strategy, axes, stage) if axes else None
 
@@ -118,12 +114,12 @@ def sum_parts(parts: jax.Array, out_axes: Logical, split: Split | None) -> jax.A
     if split is None:
         return parts[0]
     spec = split.strategy.spec(out_axes, param=True)
-    held = {a for part in spec for a in _names(part)}
+    held = {a for part in spec for a in part_axes(part)}
 
     def local(p):
         p = p[0]
         for dim, part in enumerate(spec):
-            scattered = tuple(a for a in _names(part) if a in split.axes)
+            scattered = tuple(a for a in part_axes(part) if a in split.axes)
             if scattered:
                 p = jax.lax.psum_scatter(p, scattered, scatter_dimension=dim, tiled=True)
         summed = tuple(a for a in split.axes if a not in held)

@@ -179,6 +179,11 @@ class Strategy:
         return math.prod(sizes[a] for a in rules.get(logical, ()))
 
 
+def part_axes(part: str | Sequence[str] | None) -> MeshAxes:
+    """The mesh axes one entry of a PartitionSpec names: none, one, or a tuple of them."""
+    return () if part is None else (part,) if isinstance(part, str) else tuple(part)
+
+
 # ---- activation constraints -----------------------------------------------------------------
 _LAYOUT: contextvars.ContextVar[tuple[Mesh, Strategy] | None] = contextvars.ContextVar(
     "jaxmoe_layout", default=None

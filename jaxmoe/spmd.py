@@ -33,7 +33,7 @@ from jaxmoe.placement import (
     place,
     shard_bytes,
 )
-from jaxmoe.sharding import Strategy
+from jaxmoe.sharding import Strategy, part_axes
 from jaxmoe.timer import Timing, time_calls
 from jaxmoe.train.recipe import TrainConfig
 from jaxmoe.train.steps import Trainer, make_trainer
@@ -50,10 +50,7 @@ def gradient_sync_bytes(abstract_params, gathered: Sequence[str] = ()) -> float:
         block_elements = math.prod(sharding.shard_shape(a.shape))
         copies = sharding.mesh.size * block_elements / math.prod(a.shape)
         block = block_elements * a.dtype.itemsize
-        spec_axes = {
-            name for part in sharding.spec if part is not None
-            for name in ((part,) if isinstance(part, str) else part)
-        }  # fmt: skip
+        spec_axes = {name for part in sharding.spec for name in part_axes(part)}
         g = math.prod(sharding.mesh.shape[name] for name in gathered if name in spec_axes)
         sent += (g - 1) * block + 2 * (copies - 1) / copies * block
     return sent
