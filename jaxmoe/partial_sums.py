@@ -45,8 +45,11 @@ class Split:
     def parts(self) -> int:
         return math.prod(self.mesh.shape[a] for a in self.axes)
 
-    def region(self, fn, in_specs, out_specs):
+    def region(self, fn, in_specs, out_specs, *, every_axis: bool = False):
+        """`fn` manual over this split's axes (and the stage axis), or over every mesh axis."""
         names = frozenset(self.axes) | ({self.stage_axis} if self.stage_axis else set())
+        if every_axis:
+            names = frozenset(self.mesh.axis_names)
         return jax.shard_map(
             fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, axis_names=names,
             check_vma=False,
@@ -78,17 +81,26 @@ def _operands(equation: str) -> tuple[str, str, str]:
     return a, b, out
 
 
+def _result_axes(equation: str, a_axes: Logical, b_axes: Logical) -> tuple[Axis | None, ...]:
+    """The logical axes of einsum(equation, a, b): each letter's from the operand that has it
+    (a's where both do)."""
+    a, b, out = _operands(equation)
+    letters = dict(zip(b, b_axes, strict=True)) | dict(zip(a, a_axes, strict=True))
+    return tuple(letters[c] for c in out)
+
+
 def partial_sums(
     equation: str, a: jax.Array, a_axes: Logical, b: jax.Array, b_axes: Logical, split: Split | None
 ) -> jax.Array:
     """einsum(equation, a, b) as [N, ...out]: the N devices' partial sums over the dimensions
     `split` splits, each kept on its devices (N = 1 and the whole sum without a split)."""
-    if split is None:
-        return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)[None]
-    spec = split.strategy.spec
 
     def local(a, b):
         return jnp.einsum(equation, a, b, preferred_element_type=jnp.float32)[None]
+
+    if split is None:
+        return local(a, b)
+    spec = split.strategy.spec
 
     def manual(axis: str) -> bool:
         return axis in split.axes
@@ -98,9 +110,7 @@ def partial_sums(
     if split.stage_axis:  # inside a pipeline stage the partitioner places the stage dim itself
         return parts
     # placed where the sum's dims are, so a loop that accumulates the parts keeps them there
-    a_letters, b_letters, out = _operands(equation)
-    letters = dict(zip(b_letters, b_axes, strict=True)) | dict(zip(a_letters, a_axes, strict=True))
-    rest = _only(spec(tuple(letters[c] for c in out)), lambda a: not manual(a))
+    rest = _only(spec(_result_axes(equation, a_axes, b_axes)), lambda a: not manual(a))
     sharding = NamedSharding(split.mesh, PartitionSpec(split.axes, *rest))
     return jax.lax.with_sharding_constraint(parts, sharding)
 
@@ -126,11 +136,7 @@ def sum_parts(parts: jax.Array, out_axes: Logical, split: Split | None) -> jax.A
         return jax.lax.psum(p, summed) if summed else p
 
     in_spec = PartitionSpec(split.axes, *_only(spec, lambda a: a not in split.axes))
-    everything = frozenset(split.mesh.axis_names)
-    return jax.shard_map(
-        local, mesh=split.mesh, in_specs=(in_spec,), out_specs=spec, axis_names=everything,
-        check_vma=False,
-    )(parts)  # fmt: skip
+    return split.region(local, (in_spec,), spec, every_axis=True)(parts)
 
 
 def project(equation: str, x: jax.Array, x_axes: Logical, w: jax.Array, w_axes: Logical):
@@ -141,8 +147,7 @@ def project(equation: str, x: jax.Array, x_axes: Logical, w: jax.Array, w_axes: 
     split = split_over(x_axes, [i for i, letter in enumerate(xs) if letter not in ws])
     if split is None or not split.strategy.gathered_axes:
         return jnp.einsum(equation, x, w)
-    letters = dict(zip(ws, w_axes, strict=True)) | dict(zip(xs, x_axes, strict=True))
-    out_axes = tuple(letters[letter] for letter in out)
+    out_axes = _result_axes(equation, x_axes, w_axes)
 
     @jax.custom_vjp
     def run(x, w):
