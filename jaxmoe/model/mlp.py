@@ -5,11 +5,11 @@ from flax import nnx
 
 from jaxmoe.axes import Axis
 from jaxmoe.config import ModelConfig
+from jaxmoe.model.attention import RESIDUAL
 from jaxmoe.model.params import axes_of, weight
 from jaxmoe.partial_sums import project
 from jaxmoe.sharding import constrain
 
-RESIDUAL = (Axis.BATCH, Axis.SEQ, Axis.EMBED)  # [B, S, D]
 HIDDEN = (Axis.BATCH, Axis.SEQ, Axis.MLP)  # [B, S, F]
 
 
