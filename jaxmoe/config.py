@@ -1,7 +1,11 @@
 """Model configuration: one frozen dataclass, validated on creation, and the named presets.
 
-The configuration also carries the workload shape (batch, seq_len): the papers quote both with
-the model, and every strategy's divisibility checks need them.
+The configuration carries the architecture (every field that sets a parameter's shape or the
+model's numerics) and the workload (`WORKLOAD_FIELDS`: batch, sequence length, micro-batches,
+loss chunking): the papers quote both with the model, and every strategy's divisibility checks
+need both. `architecture(cfg)` is the architecture alone, which a checkpoint records and checks;
+no parameter's shape depends on a workload field (the learned position table has
+`max_positions` rows).
 """
 
 import dataclasses
@@ -13,6 +17,9 @@ import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 EXPERT_FORMS = ("gelu", "swiglu")
+POSITIONS = ("learned", "rope")
+ROUTER_SCORES = ("softmax", "sigmoid")
+WORKLOAD_FIELDS = ("batch", "seq_len", "micro_batches", "loss_chunk_tokens")
 VOCAB_MULTIPLE = 128
 MAX_INT = 2**31 - 1  # array sizes and seeds are 32-bit in XLA, jax.random.key and numpy
 
@@ -26,8 +33,16 @@ class ModelConfig:
     """A pre-norm decoder-only transformer whose MLPs are dense or Mixture-of-Experts.
 
     `moe_every`: 0 = every layer dense; k >= 1 = every k-th layer is MoE (layers k-1, 2k-1, ...),
-    the others dense. Experts have the form `expert_form`: "gelu" is the 2-matrix MLP the papers
-    describe (D -> F, GELU, F -> D); "swiglu" the 3-matrix gated form.
+    the others dense; the first `first_dense` layers are dense whatever `moe_every` says. Dense
+    MLPs have the form `mlp_form` and experts `expert_form`: "gelu" is the 2-matrix MLP the
+    papers describe (D -> F, GELU, F -> D); "swiglu" the 3-matrix gated form.
+
+    Attention has `n_heads` query heads and `n_kv_heads` key-value heads (grouped-query; 0 = as
+    many as query heads). `kv_lora_rank > 0` makes it multi-head latent attention (DeepSeek-V2/V3):
+    queries and keys of `head_dim + rope_head_dim` per head (the rotary part decoupled), values of
+    `v_head_dim`, and a cache of the compressed key-value latent and the shared rotary key.
+    `positions` is "learned" (a table of `max_positions` rows, added to the embeddings) or "rope"
+    (rotary, base `rope_theta`).
     """
 
     name: str = "custom"
@@ -37,9 +52,30 @@ class ModelConfig:
     head_dim: int = 8
     d_ff: int = 512
     n_layers: int = 2
+    n_kv_heads: int = 0  # 0 = n_heads
+    positions: Literal["learned", "rope"] = "learned"
+    max_positions: int = 0  # rows of the learned position table; 0 = seq_len
+    rope_theta: float = 10000.0
+    sliding_window: int = 0  # > 0: sliding layers attend to the last this many positions
+    sliding_every: int = 1  # of every this many layers the first slides (gpt-oss: 2)
+    kv_lora_rank: int = 0  # > 0: multi-head latent attention with this latent width
+    q_lora_rank: int = 0  # MLA's compressed query width (0: queries projected at full rank)
+    rope_head_dim: int = 0  # MLA's decoupled rotary dims per query and key head
+    v_head_dim: int = 0  # MLA's value dims per head (0 = head_dim)
+    mlp_form: Literal["gelu", "swiglu"] = "gelu"
+    tie_embeddings: bool = False  # the LM head is the token table's transpose
     moe_every: int = 1
+    first_dense: int = 0  # the first K layers are dense
     n_experts: int = 16
     top_k: int = 2
+    expert_d_ff: int = 0  # an expert's hidden width (0 = d_ff)
+    n_shared_experts: int = 0  # experts every token uses beside its routed ones
+    shared_d_ff: int = 0  # the shared experts' hidden width together (0 = n_shared x expert's)
+    router_score: Literal["softmax", "sigmoid"] = "softmax"
+    norm_top_k: bool = True  # renormalise the top-k weights to sum to 1 (when k > 1)
+    routed_scale: float = 1.0  # the routed experts' output is scaled by this
+    router_groups: int = 0  # > 0: group-limited routing (DeepSeek-V3) over this many groups
+    router_group_top: int = 0  # ... of which a token's experts come from the best this many
     capacity_factor: float = 1.25
     expert_form: Literal["gelu", "swiglu"] = "gelu"
     moe_group_size: int = 0  # tokens per routing group; 0 = one group per sequence
@@ -74,7 +110,8 @@ class ModelConfig:
 
     @property
     def n_blocks(self) -> int:
-        return self.n_layers // self.layers_per_block
+        """Scanned blocks after the `first_dense` layers."""
+        return (self.n_layers - self.first_dense) // self.layers_per_block
 
     @property
     def n_moe_layers(self) -> int:
@@ -83,6 +120,39 @@ class ModelConfig:
     @property
     def n_dense_layers(self) -> int:
         return self.n_layers - self.n_moe_layers
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Dims per query and key head: MLA's carry the decoupled rotary part too."""
+        return self.head_dim + self.rope_head_dim
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim or self.head_dim
+
+    @property
+    def expert_hidden(self) -> int:
+        return self.expert_d_ff or self.d_ff
+
+    @property
+    def shared_hidden(self) -> int:
+        return self.shared_d_ff or self.n_shared_experts * self.expert_hidden
+
+    def window(self, layer: int) -> int:
+        """How many past positions layer `layer` attends to (0: all)."""
+        return self.sliding_window if layer % self.sliding_every == 0 else 0
+
+    @property
+    def position_rows(self) -> int:
+        return self.max_positions or self.seq_len
 
     @property
     def group_size(self) -> int:
@@ -121,6 +191,13 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def architecture(cfg: ModelConfig) -> dict:
+    """Every field but the workload's: what a checkpoint records and checks (the learned position
+    table's rows resolved, since `max_positions=0` follows seq_len)."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in WORKLOAD_FIELDS}
+    return fields | {"max_positions": cfg.position_rows if cfg.positions == "learned" else 0}
+
+
 def fail(field: str, value, problem: str, fix: str) -> NoReturn:
     """Raise the one-line ConfigError every bad field gets: `field=value: problem; fix`."""
     raise ConfigError(f"{field}={value!r}: {problem}; {fix}")
@@ -153,22 +230,38 @@ def validate(cfg: ModelConfig) -> None:
     for field in positive:
         if getattr(cfg, field) < 1:
             fail(field, getattr(cfg, field), "must be a positive integer", "set it to 1 or more")
+    not_negative = (
+        *("n_kv_heads", "max_positions", "kv_lora_rank", "q_lora_rank", "rope_head_dim"),
+        *("v_head_dim", "first_dense", "expert_d_ff", "n_shared_experts", "shared_d_ff"),
+        *("router_groups", "router_group_top"),
+    )
+    for field in not_negative:
+        if getattr(cfg, field) < 0:
+            fail(field, getattr(cfg, field), "must be >= 0", "use 0 for the default")
     if cfg.seq_len < 2:
         fail("seq_len", cfg.seq_len, "must be at least 2", "set seq_len=2 or more")
+    _check_attention(cfg)
     if cfg.moe_every < 0:
         fail("moe_every", cfg.moe_every, "must be >= 0", "use 0 for dense, k for every k-th MoE")
-    if cfg.is_moe and cfg.n_layers % cfg.moe_every:
+    if cfg.first_dense >= cfg.n_layers:
+        fail("first_dense", cfg.first_dense, f"must be below n_layers={cfg.n_layers}", "lower it")
+    if cfg.is_moe and (cfg.n_layers - cfg.first_dense) % cfg.moe_every:
         fail(
             "moe_every",
             cfg.moe_every,
-            f"must divide n_layers={cfg.n_layers}",
-            "choose a divisor of n_layers",
+            f"must divide n_layers - first_dense = {cfg.n_layers - cfg.first_dense}",
+            "choose a divisor of it",
         )
     for field in ("dtype", "param_dtype"):
         if getattr(cfg, field) not in DTYPES:
             fail(field, getattr(cfg, field), "unknown dtype", f"choose one of {sorted(DTYPES)}")
-    if cfg.expert_form not in EXPERT_FORMS:
-        fail("expert_form", cfg.expert_form, "unknown expert form", f"choose one of {EXPERT_FORMS}")
+    for field, choices in (
+        ("expert_form", EXPERT_FORMS),
+        ("mlp_form", EXPERT_FORMS),
+        ("router_score", ROUTER_SCORES),
+    ):
+        if getattr(cfg, field) not in choices:
+            fail(field, getattr(cfg, field), "unknown choice", f"choose one of {choices}")
     if cfg.init_std <= 0:
         fail("init_std", cfg.init_std, "must be > 0", "use e.g. 0.02")
     if cfg.norm_eps <= 0:
@@ -193,6 +286,67 @@ def validate(cfg: ModelConfig) -> None:
         )
     if not 0.0 <= cfg.expert_dropout < 1.0:
         fail("expert_dropout", cfg.expert_dropout, "must be in [0, 1)", "use e.g. 0.1")
+    if cfg.routed_scale <= 0:
+        fail("routed_scale", cfg.routed_scale, "must be > 0", "use 1.0 for unscaled experts")
+    if cfg.router_groups:
+        if cfg.n_experts % cfg.router_groups:
+            fail(
+                "router_groups",
+                cfg.router_groups,
+                f"must divide n_experts={cfg.n_experts}",
+                "choose a divisor of n_experts, or 0 for ungrouped routing",
+            )
+        per_group = cfg.n_experts // cfg.router_groups
+        if not 1 <= cfg.router_group_top <= cfg.router_groups:
+            fail(
+                "router_group_top",
+                cfg.router_group_top,
+                f"must be in 1..router_groups={cfg.router_groups}",
+                "choose how many groups a token's experts may come from",
+            )
+        if cfg.router_group_top * per_group < cfg.top_k:
+            fail(
+                "router_group_top",
+                cfg.router_group_top,
+                f"its groups hold {cfg.router_group_top * per_group} experts, fewer than "
+                f"top_k={cfg.top_k}",
+                "raise router_group_top",
+            )
+
+
+def _check_attention(cfg: ModelConfig) -> None:
+    if cfg.n_heads % cfg.kv_heads:
+        fail(
+            "n_kv_heads",
+            cfg.n_kv_heads,
+            f"must divide n_heads={cfg.n_heads}",
+            "choose a divisor of n_heads (0: as many as n_heads)",
+        )
+    if cfg.positions not in POSITIONS:
+        fail("positions", cfg.positions, "unknown choice", f"choose one of {POSITIONS}")
+    if cfg.positions == "learned" and cfg.seq_len > cfg.position_rows:
+        fail(
+            "seq_len",
+            cfg.seq_len,
+            f"is longer than the learned position table (max_positions={cfg.max_positions})",
+            "raise max_positions, or use positions=rope",
+        )
+    if cfg.sliding_window < 0 or cfg.sliding_every < 1:
+        field = "sliding_window" if cfg.sliding_window < 0 else "sliding_every"
+        fail(field, getattr(cfg, field), "out of range", "use sliding_window>=0, sliding_every>=1")
+    if cfg.rope_theta <= 0:
+        fail("rope_theta", cfg.rope_theta, "must be > 0", "use e.g. 10000.0")
+    rotary = cfg.rope_head_dim if cfg.is_mla else cfg.head_dim
+    if cfg.positions == "rope" and rotary % 2:
+        field = "rope_head_dim" if cfg.is_mla else "head_dim"
+        fail(field, rotary, "rotary positions rotate pairs of dims", "make it even")
+    if cfg.is_mla and cfg.positions != "rope":
+        fail("positions", cfg.positions, "latent attention's rotary part needs rope", "use rope")
+    if cfg.is_mla and cfg.n_kv_heads not in (0, cfg.n_heads):
+        fail("n_kv_heads", cfg.n_kv_heads, "latent attention has one key per head", "use 0")
+    if not cfg.is_mla and (cfg.q_lora_rank or cfg.rope_head_dim or cfg.v_head_dim):
+        field = next(f for f in ("q_lora_rank", "rope_head_dim", "v_head_dim") if getattr(cfg, f))
+        fail(field, getattr(cfg, field), "is for latent attention only", "set kv_lora_rank too")
 
 
 PRESETS: dict[str, ModelConfig] = {
