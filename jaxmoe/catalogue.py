@@ -15,10 +15,14 @@ module with `EXPERIMENTS` (name -> `jaxmoe.experiment.Experiment`).
 from __future__ import annotations
 
 import functools
+import logging
 from importlib.metadata import entry_points
 from types import ModuleType
 
+from jaxmoe import hf_config
 from jaxmoe.config import PRESETS, ConfigError, ModelConfig, preset
+
+log = logging.getLogger(__name__)
 
 LAYOUTS_GROUP = "jaxmoe.layouts"
 EXPERIMENTS_GROUP = "jaxmoe.experiments"
@@ -67,12 +71,19 @@ def experiment(name: str):
 
 
 def config(name: str, scale: str = "tiny") -> ModelConfig:
-    """A config by name: a preset, or a paper's model at `scale` (`tiny`: the one that runs on a
-    CPU; `full`: the paper's)."""
+    """A config by name: a preset, a paper's model at `scale` (`tiny`: the one that runs on a
+    CPU; `full`: the paper's), a shipped model (`mixtral-8x7b`, or `mixtral-8x7b-tiny` of the
+    same structure that runs on a CPU; `scale` does not apply), or a Hugging Face config.json by
+    path. The fields a config.json has that the model leaves out are logged as warnings."""
     papers = experiments()
     if name in papers:
         return papers[name].config(scale)
     if name in PRESETS:
         return preset(name)
-    choices = ", ".join([*sorted(PRESETS), *papers])
-    raise ConfigError(f"unknown config {name!r}; choose one of {choices}")
+    if name in hf_config.shipped() or name.endswith(".json"):
+        cfg, warnings = hf_config.load(name)
+        for warning in warnings:
+            log.warning("%s: %s", cfg.name, warning)
+        return cfg
+    choices = ", ".join([*sorted(PRESETS), *papers, *hf_config.shipped()])
+    raise ConfigError(f"unknown config {name!r}; choose one of {choices}, or a config.json path")
