@@ -40,12 +40,13 @@ def run(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value}: must be at least 1; e.g. {flag} 3")
     hw = hardware.get(args.hardware)
-    hw.check_devices(args.devices, "--hardware")
+    n_devices = hw.count if args.devices is None else args.devices
+    hw.check_devices(n_devices, "--hardware")
     cfg = plan_config(args.config, args.set, args.batch, args.seq)
     names = candidates(args.strategies)  # unknown names fail here, before anything compiles
     if args.json:
         writable_file(args.json, "--json")
-    chosen = platform.select(args.platform, args.devices, compile_only=True)
+    chosen = platform.select(args.platform, n_devices, compile_only=True)
     result = jaxmoe.plan(
         cfg,
         hw,

@@ -167,7 +167,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     plan = commands.add_parser(
         "plan", help="search the layouts of the devices, rank the best by their bound"
     )
-    plan.add_argument("--config", default="paper000", help="a preset or a paper (its full model)")
+    plan.add_argument(
+        "--config",
+        default="paper000",
+        help="a preset, a paper (its full model), a shipped model (mixtral-8x7b) or a config.json",
+    )
     plan.add_argument(
         "--hardware",
         default="h100x16",
@@ -194,7 +198,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=",".join(PLAN_PHASES),
         help=f"comma-separated phases to rank (default {','.join(PLAN_PHASES)})",
     )
-    platform_flags(plan, COMPILE_DEVICES, DEVICES)
+    platform_flags(
+        plan,
+        "devices to lay the model over (default: the --hardware profile's GPUs); virtual CPU "
+        "devices when it only compiles and the GPUs or TPUs here are fewer",
+    )
 
     explain = commands.add_parser(
         "explain", help="what a strategy does to the model, per parameter"

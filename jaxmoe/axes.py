@@ -7,6 +7,8 @@ Dimension letters (einsum strings, shape comments and spec names use these and n
     E experts        C capacity (token slots per expert)        G routing groups
     L layers         V vocabulary                               N devices on a mesh axis
     X an expert's slots over all its groups (G and C merged: G*C)
+    J key-value heads (grouped-query attention: H = J x the query heads per group)
+    R a compressed (latent) width: multi-head latent attention's key-value or query rank
 
 Model code names these logical axes only; a strategy (``meshes/``) maps each one to mesh axes.
 """
@@ -23,6 +25,7 @@ class Axis(StrEnum):
     SEQ = "seq"  # S
     EMBED = "embed"  # D
     HEADS = "heads"  # H
+    KV_HEADS = "kv_heads"  # J: split as HEADS where that divides them, else replicated
     HEAD_DIM = "head_dim"  # K
     MLP = "mlp"  # F of the dense MLP
     EXPERT = "expert"  # E

@@ -29,8 +29,7 @@ from jax.sharding import PartitionSpec
 from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.axes import Axis
 from jaxmoe.config import ModelConfig
-from jaxmoe.memory_check import cache_bytes
-from jaxmoe.model.transformer import CACHE
+from jaxmoe.model.transformer import cache_logical, init_cache
 from jaxmoe.placement import abstract_model
 from jaxmoe.sharding import Strategy, logical_specs, part_axes
 
@@ -52,19 +51,29 @@ class Estimate:
 
 @functools.cache
 def _weights(cfg: ModelConfig) -> tuple[tuple[tuple, int, bool], ...]:
-    """Each parameter's logical axes, bytes, and whether it is an expert weight."""
+    """Each parameter's logical axes, shape, bytes, and whether it is an expert weight."""
     state = abstract_model(cfg)[1]
     specs = jax.tree.leaves(logical_specs(state), is_leaf=lambda x: isinstance(x, PartitionSpec))
     return tuple(
-        (tuple(spec), a.size * a.dtype.itemsize, Axis.EXPERT in tuple(spec))
+        (tuple(spec), a.shape, a.size * a.dtype.itemsize, Axis.EXPERT in tuple(spec))
         for spec, a in zip(specs, jax.tree.leaves(state), strict=True)
     )
 
 
-def _split(strategy: Strategy, logical: tuple, *, param: bool) -> int:
+def _split(strategy: Strategy, logical: tuple, shape: tuple, *, param: bool) -> int:
     sizes = strategy.axis_sizes
-    used = {a for part in strategy.spec(logical, param=param) for a in part_axes(part)}
-    return math.prod(sizes[a] for a in used)
+    spec = strategy.spec(logical, param=param, shape=shape)
+    return math.prod(sizes[a] for part in spec for a in part_axes(part))
+
+
+def _cache_per_device(strategy: Strategy, cfg: ModelConfig) -> float:
+    """The decoding cache's bytes per device, from its arrays' shapes and layout."""
+    cache = jax.eval_shape(lambda: init_cache(cfg, cfg.batch, strategy.split_factor(Axis.HEADS)))
+    specs = jax.tree.leaves(cache_logical(cache), is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return sum(
+        a.size * a.dtype.itemsize / _split(strategy, tuple(spec), a.shape, param=False)
+        for spec, a in zip(specs, jax.tree.leaves(cache), strict=True)
+    )
 
 
 def estimate(strategy: Strategy, cfg: ModelConfig, hw: Hardware, phase: str) -> Estimate:
@@ -72,13 +81,16 @@ def estimate(strategy: Strategy, cfg: ModelConfig, hw: Hardware, phase: str) -> 
     the batch, a full cache of seq_len) or "train" (a step on cfg's batch)."""
     n = strategy.n_devices
     weights = _weights(cfg)
-    held = sum(size / _split(strategy, axes, param=True) for axes, size, _ in weights)
-    read = sum(size / _split(strategy, axes, param=False) for axes, size, _ in weights)
-    total = sum(size for _, size, _ in weights)
-    expert = sum(size for _, size, is_expert in weights if is_expert)
+    held = sum(size / _split(strategy, axes, shape, param=True) for axes, shape, size, _ in weights)
+    read = sum(
+        size / _split(strategy, axes, shape, param=False) for axes, shape, size, _ in weights
+    )
+    total = sum(size for _, _, size, _ in weights)
+    expert = sum(size for *_, size, is_expert in weights if is_expert)
     item = cfg.weight_dtype.itemsize
     active = (total - expert + expert * cfg.top_k * cfg.capacity_factor / cfg.n_experts) / item
-    attention = 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim  # FLOPs per token-position pair
+    # FLOPs per token-position pair: scores over q.k dims, then values
+    attention = cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.value_head_dim)
     if phase == "decode":
         tokens, pairs = cfg.batch, cfg.batch * cfg.seq_len
         # one token per sequence, each its own routing group: half of two such tokens' traffic
@@ -89,7 +101,7 @@ def estimate(strategy: Strategy, cfg: ModelConfig, hw: Hardware, phase: str) -> 
     flops = (2 * active * tokens + 2 * attention * pairs) * (3 if phase == "train" else 1)
     busy = 1 - strategy.bubble_fraction(cfg)
     compute = flops / n / hw.peak_flops(cfg.dtype) / busy
-    cached = cache_bytes(cfg) / _split(strategy, CACHE, param=False) if phase == "decode" else 0.0
+    cached = _cache_per_device(strategy, cfg) if phase == "decode" else 0.0
     memory = (read * (3 if phase == "train" else 1) + cached) / hw.hbm_bandwidth
     volume = strategy.textbook_bytes(step_cfg)
     sent = per_call * (cfg.n_dense_layers * volume["dense"] + cfg.n_moe_layers * volume["moe"])

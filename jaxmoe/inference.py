@@ -14,12 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmoe.axes import Axis
 from jaxmoe.config import ConfigError, ModelConfig
-from jaxmoe.model import CACHE, init_cache
+from jaxmoe.model import Cache, cache_logical, init_cache
 from jaxmoe.placement import Placement
+from jaxmoe.platform import compile_program
 
 LAST_LOGITS = (Axis.LM_BATCH, Axis.VOCAB)  # [B, V]
 
@@ -49,7 +50,7 @@ class Decoder:
     cfg: ModelConfig
     prefill: Callable  # (params, prompt [B, S], cache) -> (logits [B, V], cache)
     step: Callable  # (params, tokens [B, 1], cache, pos) -> (logits [B, V], cache)
-    new_cache: Callable[[], tuple]
+    new_cache: Callable[[], Cache]
     token_sharding: jax.sharding.Sharding | None = None
 
     def put_tokens(self, tokens) -> jax.Array:
@@ -70,6 +71,7 @@ def decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, placement: Placement | Non
         )
     mesh, strategy = placement.mesh, placement.strategy
     cache = cache_sharding(placement)
+    heads_split = strategy.split_factor(Axis.HEADS)
     tokens, logits = placement.token_sharding, NamedSharding(mesh, strategy.spec(LAST_LOGITS))
     params = placement.shardings
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -87,14 +89,30 @@ def decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, placement: Placement | Non
             out_shardings=(logits, cache),
             donate_argnums=2,
         ),
-        jax.jit(lambda: init_cache(cfg, cfg.batch), out_shardings=cache),
+        jax.jit(lambda: init_cache(cfg, cfg.batch, heads_split), out_shardings=cache),
         tokens,
     )
 
 
-def cache_sharding(placement: Placement) -> NamedSharding:
-    """The sharding of every cache array [N, B, T, H, K] under the placement's strategy."""
-    return NamedSharding(placement.mesh, placement.strategy.spec(CACHE))
+def new_cache(placement: Placement) -> Cache:
+    """The placement's empty cache, abstract (shapes and dtypes, nothing allocated)."""
+    strategy = placement.strategy
+    cfg = placement.cfg
+    return jax.eval_shape(lambda: init_cache(cfg, cfg.batch, strategy.split_factor(Axis.HEADS)))
+
+
+def cache_sharding(placement: Placement) -> Cache:
+    """The sharding of every cache array under the placement's strategy ([N, B, T, J, K] or a
+    latent [N, B, T, R]), as a Cache of NamedShardings."""
+    cache = new_cache(placement)
+    return jax.tree.map(
+        lambda axes, a: NamedSharding(
+            placement.mesh, placement.strategy.spec(tuple(axes), shape=a.shape)
+        ),
+        cache_logical(cache),
+        cache,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
 
 
 def generate(dec: Decoder, params, prompt, steps: int) -> np.ndarray:
@@ -132,6 +150,6 @@ def compile_phases(dec: Decoder, params, prompt_len: int) -> dict[str, jax.stage
 
     position = jax.ShapeDtypeStruct((), jnp.int32)
     return {
-        "prefill": dec.prefill.lower(params, ids(prompt_len), cache).compile(),
-        "decode": dec.step.lower(params, ids(1), cache, position).compile(),
+        "prefill": compile_program(dec.prefill.lower(params, ids(prompt_len), cache), cfg.dtype),
+        "decode": compile_program(dec.step.lower(params, ids(1), cache, position), cfg.dtype),
     }

@@ -23,11 +23,16 @@ def param_bytes(cfg: ModelConfig) -> int:
     return param_bytes_total(abstract_model(cfg)[1])
 
 
+def cache_token_bytes(cfg: ModelConfig) -> int:
+    """Cache bytes per token per layer, in the compute dtype: keys and values of every key-value
+    head (2 J K), or latent attention's latent and rotary key (R + K_rope)."""
+    width = cfg.kv_lora_rank + cfg.rope_head_dim if cfg.is_mla else 2 * cfg.kv_heads * cfg.head_dim
+    return width * cfg.compute_dtype.itemsize
+
+
 def cache_bytes(cfg: ModelConfig) -> int:
-    """Bytes of the KV cache of the whole batch at `seq_len` positions: keys and values of every
-    layer, in the compute dtype."""
-    per_layer = 2 * cfg.batch * cfg.seq_len * cfg.n_heads * cfg.head_dim
-    return per_layer * cfg.n_layers * cfg.compute_dtype.itemsize
+    """Bytes of the KV cache of the whole batch at `seq_len` positions, every layer."""
+    return cfg.batch * cfg.seq_len * cfg.n_layers * cache_token_bytes(cfg)
 
 
 def host_memory_bytes() -> int | None:

@@ -105,12 +105,18 @@ def partial_sums(
     def manual(axis: str) -> bool:
         return axis in split.axes
 
-    in_specs = (_only(spec(a_axes), manual), _only(spec(b_axes), manual))
+    in_specs = (
+        _only(spec(a_axes, shape=a.shape), manual),
+        _only(spec(b_axes, shape=b.shape), manual),
+    )
     parts = split.region(local, in_specs, PartitionSpec(split.axes))(a, b)
     if split.stage_axis:  # inside a pipeline stage the partitioner places the stage dim itself
         return parts
     # placed where the sum's dims are, so a loop that accumulates the parts keeps them there
-    rest = _only(spec(_result_axes(equation, a_axes, b_axes)), lambda a: not manual(a))
+    a_letters, b_letters, out = _operands(equation)
+    sizes = dict(zip(b_letters, b.shape, strict=True)) | dict(zip(a_letters, a.shape, strict=True))
+    result = spec(_result_axes(equation, a_axes, b_axes), shape=tuple(sizes[c] for c in out))
+    rest = _only(result, lambda a: not manual(a))
     sharding = NamedSharding(split.mesh, PartitionSpec(split.axes, *rest))
     return jax.lax.with_sharding_constraint(parts, sharding)
 
@@ -123,7 +129,7 @@ def sum_parts(parts: jax.Array, out_axes: Logical, split: Split | None) -> jax.A
     reduce-scatter over the axes it still places itself."""
     if split is None:
         return parts[0]
-    spec = split.strategy.spec(out_axes, param=True)
+    spec = split.strategy.spec(out_axes, param=True, shape=parts.shape[1:])
     held = {a for part in spec for a in part_axes(part)}
 
     def local(p):

@@ -173,3 +173,17 @@ __all__ = [
     "configure",
     "select",
 ]
+
+
+# XLA's CPU backend runs bf16 and fp16 matmuls in float32 and converts each stacked weight to
+# float32 whole, ahead of the loop over layers (loop-invariant code motion): buffers of twice the
+# weights that an accelerator never holds. Compiled without that motion, a half-precision program's
+# memory per device is what it needs on a GPU.
+CPU_HALF_PRECISION_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def compile_program(lowered: jax.stages.Lowered, dtype: str) -> jax.stages.Compiled:
+    """`lowered.compile()`, for a model computing in `dtype` (see CPU_HALF_PRECISION_OPTIONS)."""
+    half = dtype in ("bfloat16", "float16")
+    options = CPU_HALF_PRECISION_OPTIONS if half and jax.default_backend() == "cpu" else None
+    return lowered.compile(compiler_options=options)

@@ -156,27 +156,45 @@ class Strategy:
         }  # fmt: skip
         return tuple(name for name, _ in self.mesh_shape if name in found)
 
-    def spec(self, logical: Sequence[Axis | None], *, param: bool = False) -> PartitionSpec:
+    def spec(
+        self,
+        logical: Sequence[Axis | None],
+        *,
+        param: bool = False,
+        shape: Sequence[int] | None = None,
+    ) -> PartitionSpec:
         """The partition spec of an array whose dimensions have these logical names (a
         parameter's with `param`).
 
         A mesh axis serves the first dimension that asks for it: later dimensions whose rule names
         an axis already used stay unsplit over it (so `[E, G, ...]` is split by experts and
-        `[G, E, ...]` by groups when both map to the same mesh axis).
+        `[G, E, ...]` by groups when both map to the same mesh axis). Key-value heads are split as
+        query heads where their count (from `shape`) divides, else replicated: a device then
+        holds the key-value head of its query heads' group (Megatron's rule).
         """
         rules = self.weight_rules if param else self.rules
         used: set[str] = set()
         parts = []
-        for name in logical:
-            axes = tuple(a for a in rules.get(name, ()) if a not in used) if name else ()
+        for i, name in enumerate(logical):
+            axes = tuple(a for a in self._rule(rules, name) if a not in used) if name else ()
+            if name == Axis.KV_HEADS and shape is not None and shape[i] % self._size(axes):
+                axes = ()
             used.update(axes)
             parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
         return PartitionSpec(*parts)
 
     def split_factor(self, logical: Axis, *, param: bool = False) -> int:
+        return self._size(self._rule(self.weight_rules if param else self.rules, logical))
+
+    def _size(self, mesh_axes: Sequence[str]) -> int:
         sizes = self.axis_sizes
-        rules = self.weight_rules if param else self.rules
-        return math.prod(sizes[a] for a in rules.get(logical, ()))
+        return math.prod(sizes[a] for a in mesh_axes)
+
+    @staticmethod
+    def _rule(rules: Rules, logical: Axis) -> MeshAxes:
+        if logical == Axis.KV_HEADS and logical not in rules:
+            return tuple(rules.get(Axis.HEADS, ()))
+        return tuple(rules.get(logical, ()))
 
 
 def part_axes(part: str | Sequence[str] | None) -> MeshAxes:
@@ -250,7 +268,8 @@ def constrain(x: jax.Array, logical: Sequence[Axis | None]) -> jax.Array:
     if layout is None:
         return x
     mesh, strategy = layout
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, strategy.spec(logical)))
+    spec = strategy.spec(logical, shape=x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 # ---- parameters ---------------------------------------------------------------------------
@@ -269,17 +288,24 @@ def logical_specs(state: nnx.State) -> nnx.State:
 def param_shardings(state: nnx.State, mesh: Mesh, strategy: Strategy) -> nnx.State:
     """NamedSharding of every parameter under `strategy`, from its logical axis names."""
 
-    def to_sharding(spec: PartitionSpec) -> NamedSharding:
-        return NamedSharding(mesh, strategy.spec(tuple(spec), param=True))
+    def to_sharding(spec: PartitionSpec, value) -> NamedSharding:
+        return NamedSharding(mesh, strategy.spec(tuple(spec), param=True, shape=value.shape))
 
     return jax.tree.map(
-        to_sharding, logical_specs(state), is_leaf=lambda x: isinstance(x, PartitionSpec)
+        to_sharding, logical_specs(state), state, is_leaf=lambda x: isinstance(x, PartitionSpec)
     )
 
 
 # ---- divisibility, checked before anything is compiled --------------------------------------
 def split_sizes(cfg: ModelConfig) -> dict[Axis, tuple[int, str]]:
-    """Each logical axis's size in this config and the field (or fields) that set it."""
+    """Each logical axis's size in this config and the field (or fields) that set it (where
+    several sizes share an axis, their greatest common divisor)."""
+    head_dims = [(cfg.head_dim, "head_dim")]
+    if cfg.is_mla:
+        head_dims += [(cfg.rope_head_dim, "rope_head_dim"), (cfg.value_head_dim, "v_head_dim")]
+    widths = [(cfg.d_ff, "d_ff")] if cfg.n_dense_layers else []
+    if cfg.is_moe and cfg.n_shared_experts:
+        widths.append((cfg.shared_hidden, "the shared experts' width"))
     sizes = {
         Axis.BATCH: (cfg.batch, "batch"),
         Axis.ATTN_BATCH: (cfg.batch, "batch"),
@@ -287,19 +313,37 @@ def split_sizes(cfg: ModelConfig) -> dict[Axis, tuple[int, str]]:
         Axis.SEQ: (cfg.seq_len, "seq_len"),
         Axis.EMBED: (cfg.d_model, "d_model"),
         Axis.HEADS: (cfg.n_heads, "n_heads"),
-        Axis.HEAD_DIM: (cfg.head_dim, "head_dim"),
-        Axis.MLP: (cfg.d_ff, "d_ff"),
+        Axis.HEAD_DIM: _common(head_dims),
         Axis.VOCAB: (cfg.padded_vocab, "vocab_size (padded to a multiple of 128)"),
-        Axis.LAYERS: (cfg.n_blocks, "n_layers / moe_every"),
+        Axis.LAYERS: (cfg.n_blocks, "(n_layers - first_dense) / moe_every"),
     }
+    if widths:
+        sizes[Axis.MLP] = _common(widths)
     if cfg.is_moe:
         sizes |= {
             Axis.EXPERT: (cfg.n_experts, "n_experts"),
-            Axis.EXPERT_MLP: (cfg.d_ff, "d_ff"),
+            Axis.EXPERT_MLP: (cfg.expert_hidden, "expert_d_ff" if cfg.expert_d_ff else "d_ff"),
             Axis.GROUP: (cfg.n_groups, "batch * seq_len / moe_group_size"),
             Axis.CAPACITY: (cfg.capacity, "capacity_factor"),
         }
     return sizes
+
+
+def _common(sizes: list[tuple[int, str]]) -> tuple[int, str]:
+    return math.gcd(*(n for n, _ in sizes)), " and ".join(field for _, field in sizes)
+
+
+def check_kv_heads(cfg: ModelConfig, strategy: Strategy) -> None:
+    """Key-value heads split over the devices that split query heads, or each replicated over a
+    whole number of them: one line when neither holds."""
+    split, kv = strategy.split_factor(Axis.HEADS), cfg.kv_heads
+    if cfg.is_mla or kv % split == 0 or split % kv == 0:
+        return
+    raise ConfigError(
+        f"strategy {strategy.name} splits heads over {split} devices, and n_kv_heads={kv} neither "
+        f"divides among them nor repeats evenly over them; choose n_kv_heads as a multiple or a "
+        f"divisor of {split}"
+    )
 
 
 def check_divisible(cfg: ModelConfig, strategy: Strategy) -> None:
@@ -315,3 +359,4 @@ def check_divisible(cfg: ModelConfig, strategy: Strategy) -> None:
                 f"({factor} devices), which does not divide it; "
                 f"choose {field} as a multiple of {factor}"
             )
+    check_kv_heads(cfg, strategy)

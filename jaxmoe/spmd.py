@@ -21,9 +21,8 @@ from jaxmoe.analysis.memory import memory_per_device
 from jaxmoe.analysis.roofline import program_bound
 from jaxmoe.config import ModelConfig
 from jaxmoe.explain import collectives_by_place, parameters
-from jaxmoe.inference import Decoder, cache_sharding, compile_phases, decoder
+from jaxmoe.inference import Decoder, cache_sharding, compile_phases, decoder, new_cache
 from jaxmoe.layout import Phase, ProgramCost, per_layer, textbook_per_layer
-from jaxmoe.model import init_cache
 from jaxmoe.placement import (
     compiled_param_shardings,
     forward,
@@ -33,6 +32,7 @@ from jaxmoe.placement import (
     place,
     shard_bytes,
 )
+from jaxmoe.platform import compile_program
 from jaxmoe.sharding import Strategy, part_axes
 from jaxmoe.timer import Timing, time_calls
 from jaxmoe.train.recipe import TrainConfig
@@ -76,14 +76,15 @@ class SpmdRun:
         """The forward pass compiled for the mesh from abstract inputs."""
         p = self.placement
         fn = p.jit(forward(p.graphdef), in_shardings=(p.shardings, p.token_sharding))
-        return fn.lower(p.abstract_params(), p.abstract_tokens()).compile()
+        return compile_program(fn.lower(p.abstract_params(), p.abstract_tokens()), self.cfg.dtype)
 
     def compile_train_step(self, tc: TrainConfig | None = None) -> tuple[Trainer, object]:
         trainer = self.trainer(tc or TrainConfig())
         batch = jax.ShapeDtypeStruct(
             (self.cfg.batch, self.cfg.seq_len + 1), jnp.int32, sharding=trainer.batch_sharding
         )
-        return trainer, trainer.step.lower(*trainer.abstract_state, batch, 0).compile()
+        lowered = trainer.step.lower(*trainer.abstract_state, batch, 0)
+        return trainer, compile_program(lowered, self.cfg.dtype)
 
     def decoder(self) -> Decoder:
         return decoder(self.cfg, self.placement.graphdef, self.placement)
@@ -210,10 +211,10 @@ class SpmdRun:
 
     def cache_bytes(self) -> int:
         """KV cache bytes per device for `batch` sequences of `seq_len`."""
-        cache = jax.eval_shape(lambda: init_cache(self.cfg, self.cfg.batch))
-        kv = cache_sharding(self.placement)
+        cache, shardings = new_cache(self.placement), cache_sharding(self.placement)
         return sum(
-            math.prod(kv.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(cache)
+            math.prod(kv.shard_shape(a.shape)) * a.dtype.itemsize
+            for a, kv in zip(jax.tree.leaves(cache), jax.tree.leaves(shardings), strict=True)
         )
 
 

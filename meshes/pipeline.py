@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from jaxmoe.axes import Axis
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.model.attention import RESIDUAL
-from jaxmoe.model.transformer import CACHE
+from jaxmoe.model.transformer import cache_axes
 from jaxmoe.sharding import constrain, pipeline_stage, scan_layers
 
 STAGES = (Axis.LAYERS, *RESIDUAL)  # [P, B/M, S, D]: each stage's micro-batch on its devices
@@ -66,7 +66,7 @@ def gpipe(stage_axis: str) -> Callable:
         cache = jax.tree.map(
             lambda a: constrain(
                 by_stage(a).reshape(*by_stage(a).shape[:2], m, -1, *a.shape[2:]),
-                (CACHE[0], None, None, *CACHE[1:]),
+                (Axis.LAYERS, None, None, *cache_axes(a)[1:]),
             ),
             cache,
         )

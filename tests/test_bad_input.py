@@ -73,7 +73,10 @@ CASES = [
     # plan
     (["plan", "--config", "nope"], "unknown config 'nope'"),
     (["plan", "--hardware", "nope"], "unknown hardware profile 'nope'"),
-    (["plan", "--hardware", "h100x1"], "the profile has 1 GPU(s), the layouts span 16"),
+    (
+        ["plan", "--hardware", "h100x1", "--devices", "16"],
+        "the profile has 1 GPU(s), the layouts span 16",
+    ),
     (["plan", "--batch", "0"], "--batch 0: must be at least 1"),
     (["plan", "--batch", "99999999999999999999999"], "batch=99999999999999999999999: is too large"),
     (["plan", "--seq", "1"], "--seq 1: must be at least 2"),

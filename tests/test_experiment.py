@@ -48,6 +48,8 @@ def test_paper000_full_flags_the_impossible_claims(tmp_path, capsys):
     assert decode["limit"] == "memory" and decode["measured"] is None
     prefill = rows_of(doc, "ep16", "prefill")
     assert prefill["claimed"]["tps"] == 450_000 and prefill["claim_exceeds_bound"] is False
+    # blockwise attention: no [S, S] scores of 8 sequences x 32 heads (51 GB in bf16 alone)
+    assert prefill["fits"] is True and prefill["memory_bytes_per_device"] < 50 * 2**30
     assert (
         prefill["bound"]["tps"] > 450_000
         and prefill["bound_serial"]["tps"] < prefill["bound"]["tps"]

@@ -66,8 +66,9 @@ def test_pipeline_decode_keeps_each_stages_cache_on_that_stage():
     p = placed(cfg, strategy)
     dec = decoder(cfg, p.graphdef, p)
     cache = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cache_sharding(p)),
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         jax.eval_shape(dec.new_cache),
+        cache_sharding(p),
     )
     token = jax.ShapeDtypeStruct((cfg.batch, 1), jnp.int32, sharding=p.token_sharding)
     pos = jax.ShapeDtypeStruct((), jnp.int32)

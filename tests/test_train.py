@@ -16,7 +16,7 @@ import jax
 import pytest
 
 import meshes
-from jaxmoe.config import preset
+from jaxmoe.config import ConfigError, preset
 from jaxmoe.layout import Layout
 from jaxmoe.train.loop import RunOptions, train
 from jaxmoe.train.recipe import TrainConfig
@@ -244,3 +244,25 @@ def test_composed_layouts_on_8_devices_learn_checkpoint_and_resume(tmp_path, str
     two_processes(tmp_path / "two", *args)
     for step, loss in losses(tmp_path / "two").items():
         assert loss == pytest.approx(reference[step], rel=1e-5), step
+
+
+def test_a_checkpoint_resumes_with_another_batch_and_micro_batch_count(tmp_path, caplog):
+    """The architecture decides what restores; batch and micro-batches are the workload's."""
+    strategy = meshes.get("dp2_pp2")
+    devices = jax.devices()[: strategy.n_devices]
+    cfg = preset("tiny_moe").replace(**SMALL)
+    tc = TrainConfig(learning_rate=CURVE_LR).scaled_to(4)
+
+    def train_to(steps: int, cfg) -> None:
+        opts = RunOptions(steps=steps, workdir=tmp_path, eval_every=2, save_every=2, progress=False)
+        train(cfg, strategy, tc, opts, devices)
+
+    train_to(2, cfg.replace(batch=16, micro_batches=4))
+    with caplog.at_level("WARNING"):
+        train_to(4, cfg.replace(batch=8, micro_batches=2))
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+    notes = caplog.text
+    assert "another workload" in notes and "batch: saved 16, now 8" in notes
+    assert "micro_batches: saved 4, now 2" in notes and "data streams start afresh" in notes
+    with pytest.raises(ConfigError, match="another model"):  # an architecture field still counts
+        train_to(6, cfg.replace(batch=8, micro_batches=2, d_ff=256))

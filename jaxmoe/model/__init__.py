@@ -2,6 +2,22 @@
 
 from jaxmoe.model.attention import KV
 from jaxmoe.model.moe import router_metrics
-from jaxmoe.model.transformer import CACHE, Transformer, init_cache, loss_fn, router_losses
+from jaxmoe.model.transformer import (
+    Cache,
+    Transformer,
+    cache_logical,
+    init_cache,
+    loss_fn,
+    router_losses,
+)
 
-__all__ = ["CACHE", "KV", "Transformer", "init_cache", "loss_fn", "router_losses", "router_metrics"]
+__all__ = [
+    "KV",
+    "Cache",
+    "Transformer",
+    "cache_logical",
+    "init_cache",
+    "loss_fn",
+    "router_losses",
+    "router_metrics",
+]

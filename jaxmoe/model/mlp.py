@@ -1,4 +1,4 @@
-"""The dense MLP: D -> F, GELU, F -> D."""
+"""The dense MLP: D -> F, GELU, F -> D, or the gated form SiLU(x W_gate) * (x W_in), F -> D."""
 
 import jax
 from flax import nnx
@@ -14,16 +14,30 @@ HIDDEN = (Axis.BATCH, Axis.SEQ, Axis.MLP)  # [B, S, F]
 
 
 class Mlp(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    """`cfg.mlp_form` of width `cfg.d_ff`, or the given form and width (the shared experts')."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, width: int = 0, form: str = ""):
+        d, f = cfg.d_model, width or cfg.d_ff
         std_out = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        self.w_in = weight(rngs, cfg, (cfg.d_model, cfg.d_ff), (Axis.EMBED, Axis.MLP), cfg.init_std)
-        self.w_out = weight(rngs, cfg, (cfg.d_ff, cfg.d_model), (Axis.MLP, Axis.EMBED), std_out)
+        self.w_in = weight(rngs, cfg, (d, f), (Axis.EMBED, Axis.MLP), cfg.init_std)
+        self.gated = (form or cfg.mlp_form) == "swiglu"
+        if self.gated:
+            self.w_gate = weight(rngs, cfg, (d, f), (Axis.EMBED, Axis.MLP), cfg.init_std)
+        self.w_out = weight(rngs, cfg, (f, d), (Axis.MLP, Axis.EMBED), std_out)
         self.dtype = cfg.compute_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, S, D] -> [B, S, D]."""
-        w_in, w_out = (w[...].astype(self.dtype) for w in (self.w_in, self.w_out))
-        h = project("BSD,DF->BSF", x, RESIDUAL, w_in, axes_of(self.w_in))
-        h = constrain(jax.nn.gelu(h), HIDDEN)
+
+        def up(w: nnx.Param) -> jax.Array:
+            return project("BSD,DF->BSF", x, RESIDUAL, w[...].astype(self.dtype), axes_of(w))
+
+        h = (
+            jax.nn.silu(up(self.w_gate)) * up(self.w_in)
+            if self.gated
+            else jax.nn.gelu(up(self.w_in))
+        )
+        h = constrain(h, HIDDEN)
+        w_out = self.w_out[...].astype(self.dtype)
         y = project("BSF,FD->BSD", h, HIDDEN, w_out, axes_of(self.w_out))
         return constrain(y, RESIDUAL)

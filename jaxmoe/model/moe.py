@@ -15,6 +15,12 @@ carry partial sums through the combine einsum.)
 
 Top-k is k rounds of argmax rather than `lax.top_k`: XLA's SPMD partitioner replicates the
 operand of the TopK custom call, while argmax is a reduction it partitions like any other.
+
+Router scores are a softmax over the experts (Mixtral, Qwen, gpt-oss) or each expert's sigmoid
+(DeepSeek-V3), the chosen ones' weights renormalised to sum to 1 or not, then scaled by
+`routed_scale`. Group-limited routing (DeepSeek-V3) first keeps the `router_group_top` groups of
+experts whose two best scores sum highest. Shared experts (`n_shared_experts`) are one gated MLP
+every token passes through beside its routed experts.
 """
 
 import jax
@@ -23,6 +29,7 @@ from flax import nnx
 
 from jaxmoe.axes import Axis
 from jaxmoe.config import ModelConfig
+from jaxmoe.model.mlp import Mlp
 from jaxmoe.model.params import axes_of, weight
 from jaxmoe.partial_sums import project
 from jaxmoe.sharding import constrain
@@ -43,26 +50,30 @@ COMBINE = (
 )  # combine weights met by expert outputs: [G, S, E, C]
 
 
-def route(logits: jax.Array, top_k: int, capacity: int) -> tuple[jax.Array, jax.Array, dict]:
+def route(logits: jax.Array, cfg: ModelConfig, capacity: int) -> tuple[jax.Array, jax.Array, dict]:
     """Top-k routing with capacity.
 
     logits: [G, S, E] float32. Returns dispatch [G, S, E, C] (0/1), combine [G, S, E, C] (gate
-    weights) and token sums for `router_metrics`. Gates are renormalised over the k choices
-    when k > 1.
+    weights) and token sums for `router_metrics`.
     """
-    n_experts = logits.shape[-1]
-    probs = constrain(jax.nn.softmax(logits, axis=-1), ROUTED)  # [G, S, E]
-    remaining = probs
+    n_experts, top_k = logits.shape[-1], cfg.top_k
+    if cfg.router_score == "sigmoid":
+        scores = constrain(jax.nn.sigmoid(logits), ROUTED)
+        probs = scores / jnp.sum(scores, axis=-1, keepdims=True)  # for the balance loss
+    else:
+        scores = probs = constrain(jax.nn.softmax(logits, axis=-1), ROUTED)  # [G, S, E]
+    remaining = scores if not cfg.router_groups else limit_groups(scores, cfg)
     picks, gates = [], []
     for _ in range(top_k):
         onehot = jax.nn.one_hot(jnp.argmax(remaining, axis=-1), n_experts)  # [G, S, E]
         onehot = constrain(onehot, ROUTED)
         picks.append(onehot)
-        gates.append(jnp.sum(probs * onehot, axis=-1))  # [G, S]
+        gates.append(jnp.sum(scores * onehot, axis=-1))  # [G, S]
         remaining = jnp.where(onehot > 0, -1.0, remaining)
-    if top_k > 1:
+    if cfg.norm_top_k and top_k > 1:
         total = sum(gates)
         gates = [g / total for g in gates]
+    gates = [g * cfg.routed_scale for g in gates]
 
     filled = jnp.zeros(logits.shape[:1] + logits.shape[2:])  # [G, E] slots taken so far
     dispatch = combine = 0.0
@@ -87,6 +98,22 @@ def route(logits: jax.Array, top_k: int, capacity: int) -> tuple[jax.Array, jax.
     return constrain(dispatch, SLOTS), constrain(combine, SLOTS), stats
 
 
+def limit_groups(scores: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """scores [G, S, E] with every expert outside a token's `router_group_top` best groups (by
+    the sum of each group's two best scores) set to -1, below any score."""
+    g, s, e = scores.shape
+    grouped = scores.reshape(g, s, cfg.router_groups, e // cfg.router_groups)
+    best = jnp.sort(grouped, axis=-1)[..., -2:]
+    group_scores = jnp.sum(best, axis=-1)  # [G, S, groups]
+    kept = 0.0
+    for _ in range(cfg.router_group_top):
+        onehot = jax.nn.one_hot(jnp.argmax(group_scores, axis=-1), cfg.router_groups)
+        kept = kept + onehot
+        group_scores = jnp.where(onehot > 0, -jnp.inf, group_scores)
+    keep = jnp.repeat(kept > 0, e // cfg.router_groups, axis=-1)  # [G, S, E]
+    return jnp.where(keep, scores, -1.0)
+
+
 def router_metrics(sums: dict) -> dict:
     """Router losses and load from `route`'s sums (any leading axes, e.g. layers, are kept).
 
@@ -108,7 +135,7 @@ def router_metrics(sums: dict) -> dict:
 
 class Moe(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        e, d, f = cfg.n_experts, cfg.d_model, cfg.d_ff
+        e, d, f = cfg.n_experts, cfg.d_model, cfg.expert_hidden
         std_out = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         up_axes = (Axis.EXPERT, Axis.EMBED, Axis.EXPERT_MLP)
         self.router = weight(rngs, cfg, (d, e), (Axis.EMBED, None), cfg.init_std)  # [D, E]
@@ -117,6 +144,9 @@ class Moe(nnx.Module):
             self.w_gate = weight(rngs, cfg, (e, d, f), up_axes, cfg.init_std)
         self.w_out = weight(
             rngs, cfg, (e, f, d), (Axis.EXPERT, Axis.EXPERT_MLP, Axis.EMBED), std_out
+        )
+        self.shared = (
+            Mlp(cfg, rngs, cfg.shared_hidden, cfg.expert_form) if cfg.n_shared_experts else None
         )
         self.cfg = cfg
 
@@ -167,7 +197,7 @@ class Moe(nnx.Module):
                 "GSD,DE->GSE", xg.astype(jnp.float32), TOKENS, router, axes_of(self.router)
             )
             dispatch, combine, stats = route(
-                constrain(logits, ROUTED), cfg.top_k, cfg.capacity_for(group)
+                constrain(logits, ROUTED), cfg, cfg.capacity_for(group)
             )
         with jax.named_scope("dispatch"):
             # each group's slots where the group is, then to the experts: one all-to-all
@@ -178,5 +208,8 @@ class Moe(nnx.Module):
         with jax.named_scope("combine"):
             ye = constrain(jnp.transpose(ye, (1, 0, 2, 3)), AT_GROUPS)
             combine = constrain(combine.astype(dt), COMBINE)
-            y = constrain(jnp.einsum("GECD,GSEC->GSD", ye, combine), TOKENS)
-        return y.reshape(b, s, d), stats
+            y = constrain(jnp.einsum("GECD,GSEC->GSD", ye, combine), TOKENS).reshape(b, s, d)
+        if self.shared is not None:
+            with jax.named_scope("shared_experts"):
+                y = y + self.shared(x)
+        return y, stats

@@ -34,8 +34,11 @@ def ones(cfg: ModelConfig, shape: Sequence[int], axes: Sequence[Axis]) -> nnx.Pa
 class RMSNorm(nnx.Module):
     """x / rms(x) * scale, computed in float32."""
 
-    def __init__(self, cfg: ModelConfig):
-        self.scale = ones(cfg, (cfg.d_model,), (Axis.EMBED,))
+    def __init__(self, cfg: ModelConfig, width: int = 0):
+        """Over the model width, or over a `width` of its own (a compressed latent's, unsplit)."""
+        self.scale = (
+            ones(cfg, (width,), (None,)) if width else ones(cfg, (cfg.d_model,), (Axis.EMBED,))
+        )
         self.eps = cfg.norm_eps
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -4,33 +4,43 @@ Blocks are stacked on a leading `layers` axis (created with `nnx.vmap`) and run 
 or by the strategy's own layer runner (a pipeline schedule).
 One block holds `moe_every - 1` dense layers followed by one MoE layer (a dense model: one dense
 layer), so a model whose layers are all MoE, all dense or interleaved scans one uniform block.
+The first `first_dense` layers (DeepSeek's dense layers before its MoE ones) are a stack of
+their own, scanned before the blocks and never split over a pipeline's stages.
 
 Inference: `extend(tokens, cache, pos)` runs new tokens at positions pos.. against a KV cache
 (`init_cache`) and returns the last position's logits: prefill is `extend(prompt, cache, 0)`,
 a decode step `extend(next_token[:, None], cache, pos)`.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from jaxmoe.axes import Axis
 from jaxmoe.config import ModelConfig
-from jaxmoe.model.attention import CORE, KV, RESIDUAL, Attention
+from jaxmoe.model.attention import KV, RESIDUAL, Attention, cache_heads
+from jaxmoe.model.latent import Latent, LatentAttention
 from jaxmoe.model.mlp import Mlp
 from jaxmoe.model.moe import Moe, router_metrics
 from jaxmoe.model.params import RMSNorm, weight
 from jaxmoe.model.xent import PADDING, cross_entropy
-from jaxmoe.sharding import constrain, run_layers
+from jaxmoe.sharding import constrain, run_layers, scan_layers
+
+
+def attention(cfg: ModelConfig, rngs: nnx.Rngs) -> Attention | LatentAttention:
+    return LatentAttention(cfg, rngs) if cfg.is_mla else Attention(cfg, rngs)
 
 
 class DenseLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.norm_attn, self.attn = RMSNorm(cfg), Attention(cfg, rngs)
+        self.norm_attn, self.attn = RMSNorm(cfg), attention(cfg, rngs)
         self.norm_mlp, self.mlp = RMSNorm(cfg), Mlp(cfg, rngs)
 
-    def __call__(self, x: jax.Array, kv: KV | None, pos) -> tuple[jax.Array, dict, KV | None]:
-        y, kv = self.attn(self.norm_attn(x), kv, pos)
+    def __call__(self, x: jax.Array, kv, pos, window=0) -> tuple[jax.Array, dict, KV | None]:
+        y, kv = self.attn(self.norm_attn(x), kv, pos, window)
         x = x + y
         return constrain(x + self.mlp(self.norm_mlp(x)), RESIDUAL), {}, kv
 
@@ -40,12 +50,12 @@ class MoeLayer(nnx.Module):
     elsewhere calls it, then `moe` on the normalised states it returns)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.norm_attn, self.attn = RMSNorm(cfg), Attention(cfg, rngs)
+        self.norm_attn, self.attn = RMSNorm(cfg), attention(cfg, rngs)
         self.norm_moe, self.moe = RMSNorm(cfg), Moe(cfg, rngs)
 
-    def attend(self, x: jax.Array, kv: KV | None, pos) -> tuple[jax.Array, jax.Array, KV | None]:
+    def attend(self, x: jax.Array, kv, pos, window=0) -> tuple[jax.Array, jax.Array, KV | None]:
         """x -> (x after attention, the experts' normalised input, the cache)."""
-        y, kv = self.attn(self.norm_attn(x), kv, pos)
+        y, kv = self.attn(self.norm_attn(x), kv, pos, window)
         x = x + y
         return x, self.norm_moe(x), kv
 
@@ -65,64 +75,112 @@ class Block(nnx.Module):
         cache: tuple[KV, ...] | None,
         pos,
         first_row,
+        windows: jax.Array | None = None,
     ) -> tuple[jax.Array, dict, tuple[KV, ...] | None]:
         """`cache`: one KV per layer of the block, in order (None: no cache); x holds rows
-        first_row.. of the batch."""
-        x, h, cache = self.attend(x, cache, pos)
+        first_row.. of the batch; `windows` [layers of the block]: each one's sliding window."""
+        x, h, cache = self.attend(x, cache, pos, windows)
         if h is None:
             return x, {}, cache
         y, stats = self.moe.moe(h, dropout_key, first_row)
         return constrain(x + y, RESIDUAL), stats, cache
 
     def attend(
-        self, x: jax.Array, cache: tuple[KV, ...] | None, pos
+        self, x: jax.Array, cache: tuple[KV, ...] | None, pos, windows: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array | None, tuple[KV, ...] | None]:
         """Everything of the block but the experts: its dense layers and the MoE layer's attention.
         Returns (x, the experts' normalised input [B, S, D] or None in a dense block, cache)."""
         n_layers = len(self.dense) + (self.moe is not None)
         kvs = (None,) * n_layers if cache is None else cache
+        window = [0] * n_layers if windows is None else list(windows)
         new, h = [], None
-        for layer, kv in zip(self.dense, kvs, strict=False):
-            x, _, kv = layer(x, kv, pos)
+        for layer, kv, w in zip(self.dense, kvs, window, strict=False):
+            x, _, kv = layer(x, kv, pos, w)
             new.append(kv)
         if self.moe is not None:
-            x, h, kv = self.moe.attend(x, kvs[-1], pos)
+            x, h, kv = self.moe.attend(x, kvs[-1], pos, window[-1])
             new.append(kv)
         return x, h, None if cache is None else tuple(new)
 
 
-def init_cache(cfg: ModelConfig, batch: int) -> tuple[KV, ...]:
-    """An empty KV cache for `batch` sequences of up to `seq_len` tokens: per layer of a block,
-    keys and values stacked over the blocks, [N, B, T, H, K] in the compute dtype."""
-    shape = (cfg.n_blocks, batch, cfg.seq_len, cfg.n_heads, cfg.head_dim)
-    return tuple(
-        KV(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
-        for _ in range(cfg.layers_per_block)
+class Cache(NamedTuple):
+    """The decoding cache: `prefix` one entry stacked over the first dense layers (None without
+    them), `blocks` one per layer of a block, each stacked over the blocks. An entry is a KV
+    (keys and values [N, B, T, J, K]) or, for latent attention, a Latent ([N, B, T, R] and
+    [N, B, T, K_rope]), in the compute dtype."""
+
+    prefix: KV | Latent | None
+    blocks: tuple[KV | Latent, ...]
+
+
+def init_cache(cfg: ModelConfig, batch: int, heads_split: int = 1) -> Cache:
+    """An empty cache for `batch` sequences of up to `seq_len` tokens, for a layout that splits
+    query heads over `heads_split` devices (it sets how many key-value heads the cache holds)."""
+
+    def entry(n: int) -> KV | Latent:
+        rows = (n, batch, cfg.seq_len)
+        if cfg.is_mla:
+            shapes = ((*rows, cfg.kv_lora_rank), (*rows, cfg.rope_head_dim))
+            return Latent(*(jnp.zeros(s, cfg.compute_dtype) for s in shapes))
+        shape = (*rows, cache_heads(cfg, heads_split), cfg.head_dim)
+        return KV(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+
+    prefix = entry(cfg.first_dense) if cfg.first_dense else None
+    return Cache(prefix, tuple(entry(cfg.n_blocks) for _ in range(cfg.layers_per_block)))
+
+
+CACHE = (Axis.LAYERS, Axis.ATTN_BATCH, Axis.SEQ, Axis.KV_HEADS, None)  # [N, B, T, (J,) width]
+
+
+def cache_axes(array, stacked: Axis | None = Axis.LAYERS) -> tuple[Axis | None, ...]:
+    """The logical axes of a cache array [N, B, T, J, K] or a latent one [N, B, T, R]."""
+    return (stacked, *CACHE[1 : array.ndim - 1], None)
+
+
+def cache_logical(cache: Cache) -> Cache:
+    """The logical axes of every cache array, as PartitionSpecs of `Axis` names."""
+    return Cache(
+        jax.tree.map(lambda a: PartitionSpec(*cache_axes(a, None)), cache.prefix),
+        jax.tree.map(lambda a: PartitionSpec(*cache_axes(a)), cache.blocks),
     )
 
 
-CACHE = (Axis.LAYERS, *CORE)  # the logical axes of every cache array
 LOGITS = (Axis.LM_BATCH, Axis.SEQ, Axis.VOCAB)  # [B, S, V]
+
+
+def layer_windows(cfg: ModelConfig) -> tuple[jax.Array | None, jax.Array | None]:
+    """Each layer's sliding window (0: none), as int32 [first_dense] and [blocks, layers per
+    block]; (None, None) when no layer slides."""
+    if not cfg.sliding_window:
+        return None, None
+    every = jnp.asarray([cfg.window(i) for i in range(cfg.n_layers)], jnp.int32)
+    return every[: cfg.first_dense], every[cfg.first_dense :].reshape(cfg.n_blocks, -1)
 
 
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = weight(
-            rngs, cfg, (cfg.padded_vocab, cfg.d_model), (Axis.VOCAB, Axis.EMBED), 1.0
-        )
-        self.pos_embed = weight(rngs, cfg, (cfg.seq_len, cfg.d_model), (None, Axis.EMBED), 1.0)
+        table = (cfg.padded_vocab, cfg.d_model)
+        std = cfg.init_std if cfg.tie_embeddings else 1.0  # a tied table also makes the logits
+        self.embed = weight(rngs, cfg, table, (Axis.VOCAB, Axis.EMBED), std)
+        if cfg.positions == "learned":
+            rows = (cfg.position_rows, cfg.d_model)
+            self.pos_embed = weight(rngs, cfg, rows, (None, Axis.EMBED), 1.0)
 
-        @nnx.split_rngs(splits=cfg.n_blocks)
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: Axis.LAYERS})
-        def make_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs)
+        def stack(n: int, stacked: Axis | None, make):
+            @nnx.split_rngs(splits=n)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: stacked})
+            def build(rngs: nnx.Rngs):
+                return make(cfg, rngs)
 
-        self.blocks = make_blocks(rngs)
+            return build(rngs)
+
+        self.first = stack(cfg.first_dense, None, DenseLayer) if cfg.first_dense else None
+        self.blocks = stack(cfg.n_blocks, Axis.LAYERS, Block)
         self.final_norm = RMSNorm(cfg)
-        self.unembed = weight(
-            rngs, cfg, (cfg.d_model, cfg.padded_vocab), (Axis.EMBED, Axis.VOCAB), cfg.init_std
-        )
+        if not cfg.tie_embeddings:
+            head = (cfg.d_model, cfg.padded_vocab)
+            self.unembed = weight(rngs, cfg, head, (Axis.EMBED, Axis.VOCAB), cfg.init_std)
 
     def __call__(
         self, tokens: jax.Array, dropout_key: jax.Array | None = None
@@ -140,8 +198,8 @@ class Transformer(nnx.Module):
             return self.final_norm(x), stats
 
     def extend(
-        self, tokens: jax.Array, cache: tuple[KV, ...], pos: jax.Array | int
-    ) -> tuple[jax.Array, tuple[KV, ...]]:
+        self, tokens: jax.Array, cache: Cache, pos: jax.Array | int
+    ) -> tuple[jax.Array, Cache]:
         """tokens [B, S] at positions pos.. -> (logits of the last one [B, V], updated cache)."""
         x, _, cache = self._layers(self.embed_tokens(tokens, pos), None, cache, pos)
         return self.logits(self.final_norm(x[:, -1:]))[:, 0], cache
@@ -149,27 +207,53 @@ class Transformer(nnx.Module):
     def embed_tokens(self, tokens: jax.Array, pos: jax.Array | int) -> jax.Array:
         """tokens [B, S] at positions pos.. -> the first block's input [B, S, D]."""
         with jax.named_scope("embed"):
-            positions = jax.lax.dynamic_slice_in_dim(self.pos_embed[...], pos, tokens.shape[1])
-            x = jnp.take(self.embed[...], tokens, axis=0) + positions
+            x = jnp.take(self.embed[...], tokens, axis=0)
+            if self.cfg.positions == "learned":
+                x = x + jax.lax.dynamic_slice_in_dim(self.pos_embed[...], pos, tokens.shape[1])
             return constrain(x.astype(self.cfg.compute_dtype), RESIDUAL)  # [B, S, D]
 
-    def _layers(self, x, dropout_key, cache, pos):
+    def _layers(self, x, dropout_key, cache: Cache | None, pos):
         cfg = self.cfg
+        first_windows, windows = layer_windows(cfg)
+        if self.first is not None:
+            x, cache = self._first_layers(x, cache, pos, first_windows)
         graphdef, block_state = nnx.split(self.blocks)
         keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_blocks)
 
         def step(x, per_block, block_cache, first_row):
-            state, key = per_block
-            return nnx.merge(graphdef, state)(x, key, block_cache, pos, first_row)
+            state, key, window = per_block
+            return nnx.merge(graphdef, state)(x, key, block_cache, pos, first_row, window)
 
-        return run_layers(step, x, (block_state, keys), cache, cfg)  # stats: [L_moe, ...] each
+        per_block = (block_state, keys, windows)
+        blocks = None if cache is None else cache.blocks
+        x, stats, blocks = run_layers(step, x, per_block, blocks, cfg)  # stats: [L_moe, ...]
+        return x, stats, None if cache is None else cache._replace(blocks=blocks)
+
+    def _first_layers(self, x, cache: Cache | None, pos, windows):
+        """The dense layers before the blocks: a plain scan on every device (never pipelined)."""
+        graphdef, state = nnx.split(self.first)
+
+        def step(x, per_layer, layer_cache, _):
+            state, window = per_layer
+            layer = nnx.merge(graphdef, state)
+            x, _, layer_cache = layer(x, layer_cache, pos, 0 if window is None else window)
+            return x, (), layer_cache
+
+        prefix = None if cache is None else cache.prefix
+        x, _, prefix = scan_layers(step, x, (state, windows), prefix)
+        return x, None if cache is None else cache._replace(prefix=prefix)
+
+    @property
+    def head(self) -> jax.Array:
+        """The LM head's table [D, V]: its own, or the token table's transpose when tied."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]
 
     def logits(self, x: jax.Array) -> jax.Array:
         """x: the normalised features [B, S, D] -> logits [B, S, V] float32."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         with jax.named_scope("lm_head"):
             logits = jnp.einsum(
-                "BSD,DV->BSV", x, self.unembed[...].astype(dt), preferred_element_type=jnp.float32
+                "BSD,DV->BSV", x, self.head.astype(dt), preferred_element_type=jnp.float32
             )
             vocab_ids = jnp.arange(cfg.padded_vocab)
             logits = jnp.where(vocab_ids < cfg.vocab_size, logits, PADDING)
@@ -180,7 +264,7 @@ class Transformer(nnx.Module):
         (the fused, chunked LM head: no [B, S, V] logits are held)."""
         cfg = self.cfg
         with jax.named_scope("lm_head"):
-            unembed = self.unembed[...].astype(cfg.compute_dtype)
+            unembed = self.head.astype(cfg.compute_dtype)
             return cross_entropy(x, unembed, targets, cfg.vocab_size, cfg.loss_chunk_tokens)
 
 

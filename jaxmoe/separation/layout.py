@@ -189,6 +189,24 @@ class Separation:
                 f"{self.name} separates attention from experts and needs an MoE model; "
                 f"set moe_every to 1 or more"
             )
+        unsupported = [
+            field
+            for field, used in (
+                ("n_kv_heads", cfg.kv_heads != cfg.n_heads),
+                ("kv_lora_rank", cfg.is_mla),
+                ("positions", cfg.positions != "learned"),
+                ("sliding_window", cfg.sliding_window > 0),
+                ("first_dense", cfg.first_dense > 0),
+                ("n_shared_experts", cfg.n_shared_experts > 0),
+                ("tie_embeddings", cfg.tie_embeddings),
+            )
+            if used
+        ]
+        if unsupported:
+            raise ConfigError(
+                f"{self.name} lays out multi-head attention with learned positions and routed "
+                f"experts only, not {', '.join(unsupported)}; use a one-mesh layout"
+            )
         if cfg.n_experts % x:
             raise ConfigError(
                 f"{self.name}: n_experts={cfg.n_experts} does not split over {x} expert devices; "

@@ -1,10 +1,11 @@
 """Checkpoints with orbax: parameters, optimizer state and step, the data position, the config.
 
 Saved asynchronously every `save_every` steps (training goes on while the arrays are written),
-the last `keep` kept. A checkpoint records the model config and the strategy that wrote it and
-restores only into the same ones (each strategy restores its own checkpoints, into its own
-shardings). Orbax writes a step to a temporary directory and renames it when complete, so a run
-killed mid-save leaves the previous checkpoint intact.
+the last `keep` kept. A checkpoint records the model's architecture, the workload (batch,
+sequence length, micro-batches, loss chunking) and the strategy that wrote it, and restores only
+into the same architecture and strategy (each strategy restores its own checkpoints, into its own
+shardings); another workload is a note. Orbax writes a step to a temporary directory and
+renames it when complete, so a run killed mid-save leaves the previous checkpoint intact.
 
 Restoring takes the newest step that reads back whole and finite. A step that does not (a data
 file, manifest or metadata missing or cut short, an unreadable data position, non-finite values)
@@ -26,7 +27,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.config import WORKLOAD_FIELDS, ConfigError, ModelConfig, architecture
 from jaxmoe.train.steps import all_finite
 
 ITEMS = ("state", "data", "meta")
@@ -40,6 +41,7 @@ class Restored:
     state: Any
     data: dict
     notes: tuple[str, ...]  # one line per step set aside, then one for changed training fields
+    workload: dict  # the workload fields the checkpoint was written with
 
 
 class Checkpoints:
@@ -92,7 +94,9 @@ class Checkpoints:
             if problem is None:
                 self._check_meta(restored["meta"])
                 notes += self._changes(step, restored["meta"])
-                return Restored(step, restored["state"], restored["data"], tuple(notes))
+                workload = restored["meta"].get("workload") or restored["meta"]["model"]
+                workload = {k: workload.get(k) for k in WORKLOAD_FIELDS}
+                return Restored(step, restored["state"], restored["data"], tuple(notes), workload)
             notes.append(
                 f"checkpoint {step} is damaged ({problem}); {self.set_aside(step, DAMAGED)}"
             )
@@ -133,6 +137,7 @@ class Checkpoints:
         return self.manager.restore(step, args=ocp.args.Composite(**items))
 
     def _check_meta(self, saved: dict) -> None:
+        saved = saved | {"model": _architecture(saved.get("model"))}
         for key in ("strategy", "model"):
             if saved.get(key) != self.meta[key]:
                 diff = _difference(saved.get(key), self.meta[key])
@@ -144,12 +149,19 @@ class Checkpoints:
     def _changes(self, step: int, saved: dict) -> list[str]:
         """One line naming the training fields (optimizer, schedule, seeds) that differ from the
         ones the checkpoint was written with, if any."""
+        notes = []
+        if "workload" in saved and saved["workload"] != self.meta["workload"]:
+            notes.append(
+                f"resuming step {step} with another workload "
+                f"({_difference(saved['workload'], self.meta['workload'], 99)})"
+            )
         before, now = saved.get("train", {}), self.meta["train"]
         if before == now:
-            return []
+            return notes
         return [
+            *notes,
             f"resuming step {step} with changed training fields ({_difference(before, now, 99)}); "
-            f"the learning rate follows the new schedule from here"
+            f"the learning rate follows the new schedule from here",
         ]
 
     def set_aside(self, step: int, why: str) -> str:
@@ -231,10 +243,25 @@ def _reason(err: Exception) -> str:
 
 def meta(cfg: ModelConfig, strategy: str, train: Any) -> dict:
     return {
-        "model": dataclasses.asdict(cfg),
+        "model": architecture(cfg),
+        "workload": {field: getattr(cfg, field) for field in WORKLOAD_FIELDS},
         "strategy": strategy,
         "train": dataclasses.asdict(train),
     }
+
+
+def _architecture(saved: Any) -> Any:
+    """The architecture a saved model config describes (a checkpoint written before workload and
+    architecture were apart recorded both; one with unknown fields is left as it is)."""
+    if not isinstance(saved, dict):
+        return saved
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    try:
+        return json.loads(json.dumps(architecture(ModelConfig(**{
+            k: v for k, v in saved.items() if k in known
+        }))))  # fmt: skip
+    except (ConfigError, TypeError):
+        return saved
 
 
 def _difference(saved: Any, wanted: Any, most: int = 3) -> str:

@@ -130,6 +130,11 @@ def _train(cfg, strategy, tc, opts, devices, lead: bool) -> dict:
         raise
 
 
+def stream_after(stream: dict, step: int) -> dict:
+    """The row streams' settings for a run resumed at `step` with another batch shape."""
+    return stream | {"seed": stream["seed"] + step}
+
+
 class _Run:
     """One run, and what to say when it stops early."""
 
@@ -166,8 +171,20 @@ class _Run:
                     f"raise --steps to train further, or use another --workdir"
                 )
             params, opt_state = restored.state
-            batches.set_state(restored.data["rows"])
-            for note in restored.notes if lead else ():
+            rows = {k: restored.workload[k] for k in ("batch", "seq_len")}
+            notes = restored.notes
+            if rows == {"batch": cfg.batch, "seq_len": cfg.seq_len}:
+                batches.set_state(restored.data["rows"])
+            else:  # the saved positions are of other rows: read on in a new order
+                batches = RowStreams(
+                    train_files, tokenizer, shuffle=True, repeat=True, **stream_after(stream, start)
+                )
+                notes += (
+                    f"the data streams start afresh in the order of seed {tc.data_seed + start}: "
+                    f"the checkpoint's positions are of {rows['batch']} rows of "
+                    f"{rows['seq_len']} tokens",
+                )
+            for note in notes if lead else ():
                 log.warning(note)
         metrics_path = opts.workdir / "metrics.jsonl"
         if lead:
