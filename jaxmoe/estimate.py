@@ -29,7 +29,8 @@ from jax.sharding import PartitionSpec
 from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.axes import Axis
 from jaxmoe.config import ModelConfig
-from jaxmoe.model.transformer import cache_logical, init_cache
+from jaxmoe.inference import layout_cache
+from jaxmoe.model.transformer import cache_logical
 from jaxmoe.placement import abstract_model
 from jaxmoe.sharding import Strategy, logical_specs, part_axes
 
@@ -68,7 +69,7 @@ def _split(strategy: Strategy, logical: tuple, shape: tuple, *, param: bool) -> 
 
 def _cache_per_device(strategy: Strategy, cfg: ModelConfig) -> float:
     """The decoding cache's bytes per device, from its arrays' shapes and layout."""
-    cache = jax.eval_shape(lambda: init_cache(cfg, cfg.batch, strategy.split_factor(Axis.HEADS)))
+    cache = jax.eval_shape(lambda: layout_cache(cfg, strategy))
     specs = jax.tree.leaves(cache_logical(cache), is_leaf=lambda x: isinstance(x, PartitionSpec))
     return sum(
         a.size * a.dtype.itemsize / _split(strategy, tuple(spec), a.shape, param=False)

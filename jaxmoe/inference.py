@@ -21,6 +21,7 @@ from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.model import Cache, cache_logical, init_cache
 from jaxmoe.placement import Placement
 from jaxmoe.platform import compile_program
+from jaxmoe.sharding import Strategy
 
 LAST_LOGITS = (Axis.LM_BATCH, Axis.VOCAB)  # [B, V]
 
@@ -71,7 +72,6 @@ def decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, placement: Placement | Non
         )
     mesh, strategy = placement.mesh, placement.strategy
     cache = cache_sharding(placement)
-    heads_split = strategy.split_factor(Axis.HEADS)
     tokens, logits = placement.token_sharding, NamedSharding(mesh, strategy.spec(LAST_LOGITS))
     params = placement.shardings
     replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -89,16 +89,20 @@ def decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, placement: Placement | Non
             out_shardings=(logits, cache),
             donate_argnums=2,
         ),
-        jax.jit(lambda: init_cache(cfg, cfg.batch, heads_split), out_shardings=cache),
+        jax.jit(lambda: layout_cache(cfg, strategy), out_shardings=cache),
         tokens,
     )
 
 
+def layout_cache(cfg: ModelConfig, strategy: Strategy) -> Cache:
+    """The empty cache of cfg's batch under `strategy` (which sets how many key-value heads it
+    holds: one per device where the strategy splits query heads more finely)."""
+    return init_cache(cfg, cfg.batch, strategy.split_factor(Axis.HEADS))
+
+
 def new_cache(placement: Placement) -> Cache:
     """The placement's empty cache, abstract (shapes and dtypes, nothing allocated)."""
-    strategy = placement.strategy
-    cfg = placement.cfg
-    return jax.eval_shape(lambda: init_cache(cfg, cfg.batch, strategy.split_factor(Axis.HEADS)))
+    return jax.eval_shape(lambda: layout_cache(placement.cfg, placement.strategy))
 
 
 def cache_sharding(placement: Placement) -> Cache:

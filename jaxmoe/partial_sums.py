@@ -81,11 +81,11 @@ def _operands(equation: str) -> tuple[str, str, str]:
     return a, b, out
 
 
-def _result_axes(equation: str, a_axes: Logical, b_axes: Logical) -> tuple[Axis | None, ...]:
-    """The logical axes of einsum(equation, a, b): each letter's from the operand that has it
-    (a's where both do)."""
+def _of_result(equation: str, a_dims: Sequence, b_dims: Sequence) -> tuple:
+    """Per dimension of einsum(equation, a, b), what `a_dims` and `b_dims` say of its letter in
+    the operand that has it (a's where both do): its logical axis, or its size."""
     a, b, out = _operands(equation)
-    letters = dict(zip(b, b_axes, strict=True)) | dict(zip(a, a_axes, strict=True))
+    letters = dict(zip(b, b_dims, strict=True)) | dict(zip(a, a_dims, strict=True))
     return tuple(letters[c] for c in out)
 
 
@@ -113,9 +113,8 @@ def partial_sums(
     if split.stage_axis:  # inside a pipeline stage the partitioner places the stage dim itself
         return parts
     # placed where the sum's dims are, so a loop that accumulates the parts keeps them there
-    a_letters, b_letters, out = _operands(equation)
-    sizes = dict(zip(b_letters, b.shape, strict=True)) | dict(zip(a_letters, a.shape, strict=True))
-    result = spec(_result_axes(equation, a_axes, b_axes), shape=tuple(sizes[c] for c in out))
+    result_axes = _of_result(equation, a_axes, b_axes)
+    result = spec(result_axes, shape=_of_result(equation, a.shape, b.shape))
     rest = _only(result, lambda a: not manual(a))
     sharding = NamedSharding(split.mesh, PartitionSpec(split.axes, *rest))
     return jax.lax.with_sharding_constraint(parts, sharding)
@@ -153,7 +152,7 @@ def project(equation: str, x: jax.Array, x_axes: Logical, w: jax.Array, w_axes: 
     split = split_over(x_axes, [i for i, letter in enumerate(xs) if letter not in ws])
     if split is None or not split.strategy.gathered_axes:
         return jnp.einsum(equation, x, w)
-    out_axes = _result_axes(equation, x_axes, w_axes)
+    out_axes = _of_result(equation, x_axes, w_axes)
 
     @jax.custom_vjp
     def run(x, w):

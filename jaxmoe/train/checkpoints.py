@@ -252,7 +252,7 @@ def meta(cfg: ModelConfig, strategy: str, train: Any) -> dict:
 
 def _architecture(saved: Any) -> Any:
     """The architecture a saved model config describes (a checkpoint written before workload and
-    architecture were apart recorded both; one with unknown fields is left as it is)."""
+    architecture were apart recorded both; one that is no valid config is left as it is)."""
     if not isinstance(saved, dict):
         return saved
     known = {f.name for f in dataclasses.fields(ModelConfig)}

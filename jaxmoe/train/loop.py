@@ -130,11 +130,6 @@ def _train(cfg, strategy, tc, opts, devices, lead: bool) -> dict:
         raise
 
 
-def stream_after(stream: dict, step: int) -> dict:
-    """The row streams' settings for a run resumed at `step` with another batch shape."""
-    return stream | {"seed": stream["seed"] + step}
-
-
 class _Run:
     """One run, and what to say when it stops early."""
 
@@ -149,7 +144,6 @@ class _Run:
         fits.check_disk(opts.workdir, trainer.abstract_state)
         rows = local_rows(cfg.batch)
         stream = dict(seq_len=cfg.seq_len, batch=cfg.batch, seed=tc.data_seed, rows=rows)
-        batches = RowStreams(train_files, tokenizer, shuffle=True, repeat=True, **stream)
         held_out = RowStreams(valid_files, tokenizer, shuffle=False, repeat=False, **stream)
         valid = [
             _global(trainer, b) for b, _ in zip(held_out, range(tc.eval_batches), strict=False)
@@ -160,6 +154,7 @@ class _Run:
             )
 
         restored = ckpt.restore(trainer.abstract_state)
+        positions = None  # the row streams' saved positions, when they are of these rows
         if restored is None:
             start = 0
             params, opt_state = trainer.init()
@@ -171,21 +166,22 @@ class _Run:
                     f"raise --steps to train further, or use another --workdir"
                 )
             params, opt_state = restored.state
-            rows = {k: restored.workload[k] for k in ("batch", "seq_len")}
+            saved = {k: restored.workload[k] for k in ("batch", "seq_len")}
             notes = restored.notes
-            if rows == {"batch": cfg.batch, "seq_len": cfg.seq_len}:
-                batches.set_state(restored.data["rows"])
+            if saved == {"batch": cfg.batch, "seq_len": cfg.seq_len}:
+                positions = restored.data["rows"]
             else:  # the saved positions are of other rows: read on in a new order
-                batches = RowStreams(
-                    train_files, tokenizer, shuffle=True, repeat=True, **stream_after(stream, start)
-                )
+                stream["seed"] += start
                 notes += (
-                    f"the data streams start afresh in the order of seed {tc.data_seed + start}: "
-                    f"the checkpoint's positions are of {rows['batch']} rows of "
-                    f"{rows['seq_len']} tokens",
+                    f"the data streams start afresh in the order of seed {stream['seed']}: "
+                    f"the checkpoint's positions are of {saved['batch']} rows of "
+                    f"{saved['seq_len']} tokens",
                 )
             for note in notes if lead else ():
                 log.warning(note)
+        batches = RowStreams(train_files, tokenizer, shuffle=True, repeat=True, **stream)
+        if positions is not None:
+            batches.set_state(positions)
         metrics_path = opts.workdir / "metrics.jsonl"
         if lead:
             _keep_lines_up_to(metrics_path, start)
