@@ -141,10 +141,13 @@ def generate(dec: Decoder, params, prompt, steps: int) -> np.ndarray:
     return np.asarray(jnp.concatenate(out, axis=1))
 
 
-def compile_phases(dec: Decoder, params, prompt_len: int) -> dict[str, jax.stages.Compiled]:
+def compile_phases(
+    dec: Decoder, params, prompt_len: int, *, read_only: bool = False
+) -> dict[str, jax.stages.Compiled]:
     """Both phases compiled for `params` (arrays or abstract `ShapeDtypeStruct`s, so a full-size
     model compiles with no weights allocated): prefill of a `prompt_len`-token prompt, and one
-    decode step, which attends over the whole cache (seq_len positions) wherever it writes."""
+    decode step, which attends over the whole cache (seq_len positions) wherever it writes.
+    `read_only`: the programs are only read, never run (see `platform.compile_program`)."""
     cfg = dec.cfg
     cache = jax.eval_shape(dec.new_cache)
     tokens = dec.token_sharding
@@ -154,6 +157,10 @@ def compile_phases(dec: Decoder, params, prompt_len: int) -> dict[str, jax.stage
 
     position = jax.ShapeDtypeStruct((), jnp.int32)
     return {
-        "prefill": compile_program(dec.prefill.lower(params, ids(prompt_len), cache), cfg.dtype),
-        "decode": compile_program(dec.step.lower(params, ids(1), cache, position), cfg.dtype),
+        "prefill": compile_program(
+            dec.prefill.lower(params, ids(prompt_len), cache), cfg.dtype, read_only=read_only
+        ),
+        "decode": compile_program(
+            dec.step.lower(params, ids(1), cache, position), cfg.dtype, read_only=read_only
+        ),
     }

@@ -9,7 +9,10 @@ weights allocated, nothing run) best estimate first, per phase, until `compile_t
 in the GPU's memory with a bound within MISSED times their estimate (at most TRIES times as many
 compiled; a layout whose weights alone do not fit comes last); the rest are pruned. The
 compiled are ranked by their roofline bound: prefill by tokens per second, decode by time per
-output token, the training step by tokens per second. A layout that does not fit ranks after
+output token, the training step by tokens per second. Each row's memory per device, from the
+compiled program, stands beside the estimate's floor (the weights the layout leaves a device,
+its KV cache when decoding, gradients and Adam's moments when training): what the program holds
+beyond them is activations and workspace. A layout that does not fit ranks after
 every one that fits. Each row says what limits it (compute, memory bandwidth, or which
 collective on which mesh axes). A layout with no estimate of its own (the two-mesh separation)
 is always compiled.
@@ -63,6 +66,8 @@ class PlanRow:
     estimated_seconds: float | None  # the rule-table estimate (None: the layout has none)
     limit: str
     memory_bytes_per_device: int
+    # the estimate's floor: the weights (and Adam's state, training) and KV cache per device
+    floor_bytes_per_device: float | None
     fits: bool
     rank: int  # 1: the best; a candidate that does not fit ranks after every one that does
     reason: str
@@ -233,6 +238,7 @@ def _ranked(phase: str, costs, hw: Hardware) -> list[PlanRow]:
                 estimated_seconds=None if e is None else e.seconds,
                 limit=c.bound.limit,
                 memory_bytes_per_device=c.memory["total"],
+                floor_bytes_per_device=None if e is None else e.memory_bytes,
                 fits=_fits(c, hw),
                 rank=rank,
                 reason=_reason(c, ranked[0][1], hw),

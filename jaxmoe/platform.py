@@ -22,7 +22,7 @@ from collections.abc import Mapping
 
 import jax
 
-from jaxmoe.config import ConfigError
+from jaxmoe.config import ConfigError, ModelConfig
 
 PLATFORMS = ("cpu", "gpu", "tpu")
 CPU_DEVICES = 16  # virtual CPU devices unless --devices says otherwise
@@ -170,20 +170,45 @@ __all__ = [
     "available",
     "check_count",
     "choose",
+    "compile_program",
     "configure",
+    "read_only_config",
     "select",
 ]
 
 
-# XLA's CPU backend runs bf16 and fp16 matmuls in float32 and converts each stacked weight to
-# float32 whole, ahead of the loop over layers (loop-invariant code motion): buffers of twice the
-# weights that an accelerator never holds. Compiled without that motion, a half-precision program's
-# memory per device is what it needs on a GPU.
-CPU_HALF_PRECISION_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+# XLA's CPU backend has no half-precision matmul of its own. It runs each one in float32, and
+# converts the stacked weights to float32 whole, ahead of the loop over layers (loop-invariant code
+# motion): buffers of twice the weights that an accelerator never holds. A program compiled
+# without that motion converts one layer's weights at a time.
+CPU_HALF_PRECISION_PASSES = ("while-loop-invariant-code-motion",)
+# A program compiled only to be read (memory per device, collectives, FLOPs), never run, goes
+# further. Its bfloat16 is compiled as float16, which has the same width and which the CPU's
+# matmul takes natively when XLA does not convert it (change-op-data-type), so no float32 copy of
+# a weight is made at all. Run, such a program would accumulate in float16; it is never run.
+CPU_READ_ONLY_PASSES = (*CPU_HALF_PRECISION_PASSES, "change-op-data-type")
 
 
-def compile_program(lowered: jax.stages.Lowered, dtype: str) -> jax.stages.Compiled:
-    """`lowered.compile()`, for a model computing in `dtype` (see CPU_HALF_PRECISION_OPTIONS)."""
-    half = dtype in ("bfloat16", "float16")
-    options = CPU_HALF_PRECISION_OPTIONS if half and jax.default_backend() == "cpu" else None
+def compile_program(
+    lowered: jax.stages.Lowered, dtype: str, *, read_only: bool = False
+) -> jax.stages.Compiled:
+    """`lowered.compile()`, for a model computing in `dtype`; `read_only`: the program is only
+    read, never run, and was traced from `read_only_config` (see CPU_READ_ONLY_PASSES)."""
+    options = None
+    if dtype in ("bfloat16", "float16") and jax.default_backend() == "cpu":
+        passes = CPU_READ_ONLY_PASSES if read_only else CPU_HALF_PRECISION_PASSES
+        options = {"xla_disable_hlo_passes": ",".join(passes)}
     return lowered.compile(compiler_options=options)
+
+
+def read_only_config(cfg: ModelConfig) -> ModelConfig:
+    """The config whose program, compiled here to be read and never run, has the memory per
+    device, collectives and FLOPs that `cfg`'s has on an accelerator: on the CPU its bfloat16 as
+    float16 (the same widths; see CPU_READ_ONLY_PASSES), elsewhere `cfg` itself."""
+    if jax.default_backend() != "cpu":
+        return cfg
+
+    def same_width(dtype: str) -> str:
+        return "float16" if dtype == "bfloat16" else dtype
+
+    return cfg.replace(dtype=same_width(cfg.dtype), param_dtype=same_width(cfg.param_dtype))

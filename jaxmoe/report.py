@@ -394,6 +394,15 @@ def explain_text(doc: dict) -> str:
 SHOWN_REFUSALS = 8
 
 
+def _floor(row) -> str:
+    """A plan row's floor of weights and cache (Adam's state too, training), and the compiled
+    program's memory as a multiple of it."""
+    if row.floor_bytes_per_device is None:
+        return "-"
+    ratio = row.memory_bytes_per_device / row.floor_bytes_per_device
+    return f"{human_bytes(row.floor_bytes_per_device)} (x{ratio:.2f})"
+
+
 def plan_table(plan, prefill_batch: int, top: int | None = None) -> str:
     """`jaxmoe.plan.Plan` as the command prints it: what the search did, each phase's ranking
     (its `top` rows), then who cannot run."""
@@ -409,7 +418,11 @@ def plan_table(plan, prefill_batch: int, top: int | None = None) -> str:
     ]
     units = {"prefill": "tokens/s", "decode": "ms per output token", "train": "tokens/s"}
     for phase in (p for p in ("prefill", "decode", "train") if p in plan.pruned):
-        headers = ("rank", "strategy", "bound", "estimate", "memory/device", "fits", "why")
+        headers = (
+            *("rank", "strategy", "bound", "estimate", "memory/device"),
+            "weights+Adam" if phase == "train" else "weights+cache",
+            *("fits", "why"),
+        )
         body = [
             (
                 str(r.rank),
@@ -417,6 +430,7 @@ def plan_table(plan, prefill_batch: int, top: int | None = None) -> str:
                 f"{r.tpot_ms:.3g} ms" if phase == "decode" else f"{r.tps:,.0f} tok/s",
                 "-" if r.estimated_seconds is None else f"{r.estimated_seconds * 1e3:.3g} ms",
                 human_bytes(r.memory_bytes_per_device),
+                _floor(r),
                 "yes" if r.fits else "NO",
                 r.reason,
             )

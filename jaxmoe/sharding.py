@@ -35,17 +35,25 @@ LayerRunner = Callable[
 
 
 def scan_layers(
-    step: Callable, x: jax.Array, per_block: Any, cache: Any, *_, first_row=0
+    step: Callable, x: jax.Array, per_block: Any, cache: Any, *_, first_row=0, indexed=False
 ) -> tuple[jax.Array, Any, Any]:
     """The default layer runner: one `lax.scan` over the stacked blocks.
 
     A cache rides in the loop's carry, each block's slice read and written back at its index,
     so XLA updates it in place; scanned over as an input it would be stacked anew as an output
     (a copy of the whole cache, and more, in every decode step).
+
+    `indexed`: the blocks too are read at their index, not scanned over. A pipeline stage runs
+    under `vmap` over the stages; scanned over, its blocks [P, L/P, ...] would be transposed to
+    put the layers first, a copy of the stage's weights in every iteration.
     """
 
     def body(carry, block):
         x, cache, index = carry
+        if indexed:
+            block = jax.tree.map(
+                lambda b: jax.lax.dynamic_index_in_dim(b, index, 0, False), per_block
+            )
         here = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, index, 0, False), cache)
         x, outputs, here = step(x, block, here, first_row)
         cache = jax.tree.map(
@@ -53,7 +61,9 @@ def scan_layers(
         )
         return (x, cache, index + 1), outputs
 
-    (x, cache, _), outputs = jax.lax.scan(body, (x, cache, 0), per_block)
+    blocks = None if indexed else per_block
+    length = jax.tree.leaves(per_block)[0].shape[0]
+    (x, cache, _), outputs = jax.lax.scan(body, (x, cache, 0), blocks, length=length)
     return x, outputs, cache
 
 

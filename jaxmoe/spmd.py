@@ -8,6 +8,7 @@ parameters' shardings.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -32,7 +33,7 @@ from jaxmoe.placement import (
     place,
     shard_bytes,
 )
-from jaxmoe.platform import compile_program
+from jaxmoe.platform import compile_program, read_only_config
 from jaxmoe.sharding import Strategy, part_axes
 from jaxmoe.timer import Timing, time_calls
 from jaxmoe.train.recipe import TrainConfig
@@ -72,19 +73,31 @@ class SpmdRun:
         return self.placement.abstract_params()
 
     # ---- programs ------------------------------------------------------------------------------
-    def compile_forward(self) -> jax.stages.Compiled:
-        """The forward pass compiled for the mesh from abstract inputs."""
-        p = self.placement
+    @functools.cached_property
+    def _reader(self) -> SpmdRun:
+        """This layout of `platform.read_only_config(cfg)`, which compiles the programs that are
+        only read (memory, collectives, FLOPs), never run: itself where the two are the same."""
+        twin = read_only_config(self.cfg)
+        return self if twin == self.cfg else SpmdRun(twin, self.strategy, self.devices)
+
+    def compile_forward(self, *, read_only: bool = False) -> jax.stages.Compiled:
+        """The forward pass compiled for the mesh from abstract inputs (`read_only`: to be read,
+        never run)."""
+        at = self._reader if read_only else self
+        p = at.placement
         fn = p.jit(forward(p.graphdef), in_shardings=(p.shardings, p.token_sharding))
-        return compile_program(fn.lower(p.abstract_params(), p.abstract_tokens()), self.cfg.dtype)
+        lowered = fn.lower(p.abstract_params(), p.abstract_tokens())
+        return compile_program(lowered, at.cfg.dtype, read_only=read_only)
 
     def compile_train_step(self, tc: TrainConfig | None = None) -> tuple[Trainer, object]:
-        trainer = self.trainer(tc or TrainConfig())
+        """The training step compiled from abstract inputs, to be read, never run."""
+        at = self._reader
+        trainer = at.trainer(tc or TrainConfig())
         batch = jax.ShapeDtypeStruct(
-            (self.cfg.batch, self.cfg.seq_len + 1), jnp.int32, sharding=trainer.batch_sharding
+            (at.cfg.batch, at.cfg.seq_len + 1), jnp.int32, sharding=trainer.batch_sharding
         )
         lowered = trainer.step.lower(*trainer.abstract_state, batch, 0)
-        return trainer, compile_program(lowered, self.cfg.dtype)
+        return trainer, compile_program(lowered, at.cfg.dtype, read_only=True)
 
     def decoder(self) -> Decoder:
         return decoder(self.cfg, self.placement.graphdef, self.placement)
@@ -100,7 +113,7 @@ class SpmdRun:
 
     def cost(self, phase: Phase) -> ProgramCost:
         if phase == "forward":
-            return self._cost(phase, self.compile_forward())
+            return self._cost(phase, self.compile_forward(read_only=True))
         if phase == "train":
             trainer, step = self.compile_train_step()
             return self._cost(phase, step, trainer)
@@ -152,7 +165,7 @@ class SpmdRun:
         training step's parts; for prefill and decode their program's, with the KV cache."""
         trainer, step = self.compile_train_step() if phase == "train" else (None, None)
         if phase == "forward":
-            compiled = self.compile_forward()
+            compiled = self.compile_forward(read_only=True)
         else:
             compiled = step or self._phase_program(phase, allocate=False)[0]
         abstract = self.placement.abstract
@@ -186,9 +199,14 @@ class SpmdRun:
 
     # ---- inference -----------------------------------------------------------------------------
     def _phase_program(self, phase: Phase, *, allocate: bool):
-        dec = self.decoder()
-        params = self.put(init_params(self.cfg, 0)[1]) if allocate else self.abstract_params()
-        return compile_phases(dec, params, self.cfg.seq_len)[phase], dec, params
+        """Prefill's or decode's program: for weights to run it on (`allocate`), or only to be
+        read, from abstract ones."""
+        if allocate:
+            dec, params = self.decoder(), self.put(init_params(self.cfg, 0)[1])
+        else:
+            dec, params = self._reader.decoder(), self._reader.abstract_params()
+        programs = compile_phases(dec, params, self.cfg.seq_len, read_only=not allocate)
+        return programs[phase], dec, params
 
     def phase_cost(self, phase: Phase, hw: Hardware, measure=None):
         """Prefill, decode, or (compiled on abstract inputs, never timed) the training step."""

@@ -79,7 +79,9 @@ def gpipe(stage_axis: str) -> Callable:
             )
             first_row = index * micro.shape[1]
             with pipeline_stage(stage_axis):
-                h, outputs, new = scan_layers(step, h, stage_blocks, rows, first_row=first_row)
+                h, outputs, new = scan_layers(
+                    step, h, stage_blocks, rows, first_row=first_row, indexed=True
+                )
             stage_cache = jax.tree.map(
                 lambda a, old, new: jax.lax.dynamic_update_index_in_dim(
                     a, jnp.where(busy, new, old), index, 1
