@@ -32,12 +32,13 @@ from jaxmoe.api import (
     plan,
     train,
 )
-from jaxmoe.config import ModelConfig
+from jaxmoe.config import Architecture, ModelConfig, Workload
 from jaxmoe.phases import Measure
 from jaxmoe.train.loop import RunOptions
 from jaxmoe.train.recipe import TrainConfig, recipe
 
 __all__ = [
+    "Architecture",
     "Comparison",
     "ExperimentResult",
     "Explanation",
@@ -47,6 +48,7 @@ __all__ = [
     "RunOptions",
     "TrainConfig",
     "TrainResult",
+    "Workload",
     "bound",
     "compare",
     "config",

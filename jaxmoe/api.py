@@ -18,7 +18,7 @@ from jaxmoe import catalogue, report
 from jaxmoe.analysis import hardware as profiles
 from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.compare import LayoutReport, can_split, check_finite, compare_strategies
-from jaxmoe.config import ModelConfig
+from jaxmoe.config import ModelConfig, Workload
 from jaxmoe.experiment import PREFILL_BATCH, Experiment, experiment_rows
 from jaxmoe.explain import Explanation
 from jaxmoe.explain import explain as _explain
@@ -35,10 +35,12 @@ Config = ModelConfig | str
 Layouts = Sequence[Layout | str] | None
 
 
-def config(name: Config, scale: str = "tiny") -> ModelConfig:
-    """A config by name: a preset (`tiny_moe`, ...) or a paper's model (`paper000`) at `scale`
-    (`tiny`, or `full`: the paper's own)."""
-    return name if isinstance(name, ModelConfig) else catalogue.config(name, scale)
+def config(name: Config, scale: str = "tiny", workload: Workload | None = None) -> ModelConfig:
+    """A config by name: a preset (`tiny_moe`, ...), a paper's model (`paper000`) at `scale`
+    (`tiny`, or `full`: the paper's own), a shipped model (`mixtral-8x7b`) or a config.json's
+    path; under `workload` where given (batch, sequence length, micro-batches, loss chunks)."""
+    cfg = name if isinstance(name, ModelConfig) else catalogue.config(name, scale)
+    return cfg if workload is None else cfg.replace(**dataclasses.asdict(workload))
 
 
 def layout(name: Layout | str, transfer_bits: int = 0) -> Layout:

@@ -1,11 +1,11 @@
-"""Model configuration: one frozen dataclass, validated on creation, and the named presets.
+"""Model configuration: an `Architecture` (every field that sets a parameter's shape or the model's
+numerics: what a checkpoint records and checks) and a `Workload` (batch, sequence length,
+micro-batches, loss chunking: what it is run on), each a frozen dataclass of its own.
 
-The configuration carries the architecture (every field that sets a parameter's shape or the
-model's numerics) and the workload (`WORKLOAD_FIELDS`: batch, sequence length, micro-batches,
-loss chunking): the papers quote both with the model, and every strategy's divisibility checks
-need both. `architecture(cfg)` is the architecture alone, which a checkpoint records and checks;
-no parameter's shape depends on a workload field (the learned position table has
-`max_positions` rows).
+A `ModelConfig` is an architecture under a workload, one flat set of fields as `--set` names them:
+the papers quote both with the model, and every strategy's divisibility checks need both.
+`cfg.architecture` and `cfg.workload` are the two apart; no parameter's shape depends on the
+workload (`cfg.architecture` resolves the learned position table's rows, `max_positions`).
 """
 
 import dataclasses
@@ -19,7 +19,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 EXPERT_FORMS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
 ROUTER_SCORES = ("softmax", "sigmoid")
-WORKLOAD_FIELDS = ("batch", "seq_len", "micro_batches", "loss_chunk_tokens")
 VOCAB_MULTIPLE = 128
 MAX_INT = 2**31 - 1  # array sizes and seeds are 32-bit in XLA, jax.random.key and numpy
 
@@ -29,7 +28,7 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class Architecture:
     """A pre-norm decoder-only transformer whose MLPs are dense or Mixture-of-Experts.
 
     `moe_every`: 0 = every layer dense; k >= 1 = every k-th layer is MoE (layers k-1, 2k-1, ...),
@@ -54,7 +53,7 @@ class ModelConfig:
     n_layers: int = 2
     n_kv_heads: int = 0  # 0 = n_heads
     positions: Literal["learned", "rope"] = "learned"
-    max_positions: int = 0  # rows of the learned position table; 0 = seq_len
+    max_positions: int = 0  # rows of the learned position table; 0 = the workload's seq_len
     rope_theta: float = 10000.0
     sliding_window: int = 0  # > 0: sliding layers attend to the last this many positions
     sliding_every: int = 1  # of every this many layers the first slides (gpt-oss: 2)
@@ -86,13 +85,9 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     init_std: float = 0.02
     norm_eps: float = 1e-6
-    batch: int = 16
-    seq_len: int = 64
-    micro_batches: int = 4  # pipeline micro-batches; ma_separation's ping-pong micro-batches
-    loss_chunk_tokens: int = 512  # tokens per chunk of the fused LM head in the training loss
 
     def __post_init__(self) -> None:
-        validate(self)
+        validate_architecture(self)
 
     # ---- derived sizes -------------------------------------------------------------------
     @property
@@ -150,6 +145,67 @@ class ModelConfig:
         """How many past positions layer `layer` attends to (0: all)."""
         return self.sliding_window if layer % self.sliding_every == 0 else 0
 
+    def capacity_for(self, group: int) -> int:
+        return max(1, math.ceil(self.top_k * group * self.capacity_factor / self.n_experts))
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(DTYPES[self.dtype])
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(DTYPES[self.param_dtype])
+
+    def replace(self, **changes) -> "Architecture":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What a model is run on: `batch` sequences of `seq_len` tokens, `micro_batches` (a
+    pipeline's, ma_separation's ping-pong) and `loss_chunk_tokens` (tokens per chunk of the fused
+    LM head in the training loss)."""
+
+    batch: int = 16
+    seq_len: int = 64
+    micro_batches: int = 4
+    loss_chunk_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        validate_workload(self)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    def replace(self, **changes) -> "Workload":
+        return dataclasses.replace(self, **changes)
+
+
+WORKLOAD_FIELDS = tuple(f.name for f in dataclasses.fields(Workload))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Workload, Architecture):
+    """An `Architecture` under a `Workload`: what every program is built from."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @classmethod
+    def of(cls, arch: Architecture, workload: Workload) -> "ModelConfig":
+        return cls(**_fields(arch), **_fields(workload))
+
+    @property
+    def architecture(self) -> Architecture:
+        """The architecture alone, the learned position table's rows resolved."""
+        rows = self.position_rows if self.positions == "learned" else 0
+        return Architecture(**_fields(self, Architecture) | {"max_positions": rows})
+
+    @property
+    def workload(self) -> Workload:
+        return Workload(**_fields(self, Workload))
+
     @property
     def position_rows(self) -> int:
         return self.max_positions or self.seq_len
@@ -172,30 +228,13 @@ class ModelConfig:
         configured size for whole sequences, one token per group when decoding."""
         return math.gcd(self.group_size, seq)
 
-    def capacity_for(self, group: int) -> int:
-        return max(1, math.ceil(self.top_k * group * self.capacity_factor / self.n_experts))
-
-    @property
-    def compute_dtype(self) -> jnp.dtype:
-        return jnp.dtype(DTYPES[self.dtype])
-
-    @property
-    def weight_dtype(self) -> jnp.dtype:
-        return jnp.dtype(DTYPES[self.param_dtype])
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq_len
-
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
 
-def architecture(cfg: ModelConfig) -> dict:
-    """Every field but the workload's: what a checkpoint records and checks (the learned position
-    table's rows resolved, since `max_positions=0` follows seq_len)."""
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in WORKLOAD_FIELDS}
-    return fields | {"max_positions": cfg.position_rows if cfg.positions == "learned" else 0}
+def _fields(obj, kind: type | None = None) -> dict:
+    """The fields of dataclass `kind` (default: `obj`'s own class) as `obj` has them."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(kind or obj)}
 
 
 def fail(field: str, value, problem: str, fix: str) -> NoReturn:
@@ -221,12 +260,38 @@ def check_finite(obj) -> None:
 
 
 def validate(cfg: ModelConfig) -> None:
-    """Every range and divisibility check of a configuration, each naming the field and the fix."""
+    """Every range and divisibility check of an architecture under a workload, each naming the
+    field and the fix: each apart, then where they meet."""
+    validate_architecture(cfg)
+    validate_workload(cfg)
+    if cfg.positions == "learned" and cfg.seq_len > cfg.position_rows:
+        fail(
+            "seq_len",
+            cfg.seq_len,
+            f"is longer than the learned position table (max_positions={cfg.max_positions})",
+            "raise max_positions, or use positions=rope",
+        )
+    if cfg.is_moe and cfg.moe_group_size and cfg.seq_len % cfg.moe_group_size:
+        fail(
+            "moe_group_size",
+            cfg.moe_group_size,
+            f"must divide seq_len={cfg.seq_len}",
+            "use 0 (one group per sequence) or a divisor of seq_len",
+        )
+
+
+def validate_workload(work: Workload) -> None:
+    for f in dataclasses.fields(Workload):
+        if getattr(work, f.name) < 1:
+            fail(f.name, getattr(work, f.name), "must be a positive integer", "set it to 1 or more")
+    if work.seq_len < 2:
+        fail("seq_len", work.seq_len, "must be at least 2", "set seq_len=2 or more")
+    check_finite(work)
+
+
+def validate_architecture(cfg: Architecture) -> None:
     check_finite(cfg)
-    positive = (
-        *("vocab_size", "d_model", "n_heads", "head_dim", "d_ff", "n_layers", "batch"),
-        *("micro_batches", "loss_chunk_tokens"),
-    )
+    positive = ("vocab_size", "d_model", "n_heads", "head_dim", "d_ff", "n_layers")
     for field in positive:
         if getattr(cfg, field) < 1:
             fail(field, getattr(cfg, field), "must be a positive integer", "set it to 1 or more")
@@ -238,8 +303,6 @@ def validate(cfg: ModelConfig) -> None:
     for field in not_negative:
         if getattr(cfg, field) < 0:
             fail(field, getattr(cfg, field), "must be >= 0", "use 0 for the default")
-    if cfg.seq_len < 2:
-        fail("seq_len", cfg.seq_len, "must be at least 2", "set seq_len=2 or more")
     _check_attention(cfg)
     if cfg.moe_every < 0:
         fail("moe_every", cfg.moe_every, "must be >= 0", "use 0 for dense, k for every k-th MoE")
@@ -277,13 +340,8 @@ def validate(cfg: ModelConfig) -> None:
         fail("top_k", cfg.top_k, f"must be in 1..n_experts={cfg.n_experts}", "lower top_k")
     if cfg.capacity_factor <= 0:
         fail("capacity_factor", cfg.capacity_factor, "must be > 0", "use e.g. 1.0 or 1.25")
-    if cfg.moe_group_size < 0 or (cfg.moe_group_size and cfg.seq_len % cfg.moe_group_size):
-        fail(
-            "moe_group_size",
-            cfg.moe_group_size,
-            f"must divide seq_len={cfg.seq_len}",
-            "use 0 (one group per sequence) or a divisor of seq_len",
-        )
+    if cfg.moe_group_size < 0:
+        fail("moe_group_size", cfg.moe_group_size, "must be >= 0", "use 0 (a group a sequence)")
     if not 0.0 <= cfg.expert_dropout < 1.0:
         fail("expert_dropout", cfg.expert_dropout, "must be in [0, 1)", "use e.g. 0.1")
     if cfg.routed_scale <= 0:
@@ -314,7 +372,7 @@ def validate(cfg: ModelConfig) -> None:
             )
 
 
-def _check_attention(cfg: ModelConfig) -> None:
+def _check_attention(cfg: Architecture) -> None:
     if cfg.n_heads % cfg.kv_heads:
         fail(
             "n_kv_heads",
@@ -324,13 +382,6 @@ def _check_attention(cfg: ModelConfig) -> None:
         )
     if cfg.positions not in POSITIONS:
         fail("positions", cfg.positions, "unknown choice", f"choose one of {POSITIONS}")
-    if cfg.positions == "learned" and cfg.seq_len > cfg.position_rows:
-        fail(
-            "seq_len",
-            cfg.seq_len,
-            f"is longer than the learned position table (max_positions={cfg.max_positions})",
-            "raise max_positions, or use positions=rope",
-        )
     if cfg.sliding_window < 0 or cfg.sliding_every < 1:
         field = "sliding_window" if cfg.sliding_window < 0 else "sliding_every"
         fail(field, getattr(cfg, field), "out of range", "use sliding_window>=0, sliding_every>=1")

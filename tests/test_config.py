@@ -1,10 +1,22 @@
-"""Configuration: validation names the field and the fix; overrides are typed."""
+"""Configuration: validation names the field and the fix; overrides are typed; the architecture
+and the workload are configs of their own."""
+
+import dataclasses
 
 import pytest
 from tiny import tiny
 
 import meshes
-from jaxmoe.config import PRESETS, ConfigError, ModelConfig, preset, with_overrides
+from jaxmoe.config import (
+    PRESETS,
+    WORKLOAD_FIELDS,
+    Architecture,
+    ConfigError,
+    ModelConfig,
+    Workload,
+    preset,
+    with_overrides,
+)
 from jaxmoe.sharding import check_divisible
 
 
@@ -77,3 +89,24 @@ def test_every_preset_fits_every_strategy(name, strategy):
 def test_uneven_splits_name_the_field(strategy, changes, field):
     with pytest.raises(ConfigError, match=f"splits {field}="):
         check_divisible(tiny(True, **changes), meshes.get(strategy))
+
+
+def test_architecture_and_workload_are_configs_of_their_own():
+    """A config is an architecture under a workload: each apart is a frozen config of its own
+    (checked on its own), they combine back into the same config, and no parameter's shape
+    follows the workload (the architecture resolves the learned position table's rows)."""
+    cfg = ModelConfig(seq_len=32, batch=4, micro_batches=2)
+    arch, work = cfg.architecture, cfg.workload
+    assert isinstance(arch, Architecture) and not isinstance(arch, Workload)
+    assert work == Workload(batch=4, seq_len=32, micro_batches=2)
+    assert not {f.name for f in dataclasses.fields(arch)} & set(WORKLOAD_FIELDS)
+    assert arch.max_positions == 32  # resolved: the table keeps its rows under another workload
+    again = ModelConfig.of(arch, work.replace(batch=8, seq_len=16))
+    assert again.architecture == arch and again.tokens == 8 * 16
+    with pytest.raises(ConfigError, match="micro_batches=0: must be a positive integer"):
+        Workload(micro_batches=0)
+    with pytest.raises(ConfigError, match="seq_len=64: is longer than the learned position"):
+        ModelConfig.of(arch, Workload(seq_len=64))
+    rope = ModelConfig(positions="rope", seq_len=32).architecture
+    assert rope.max_positions == 0  # rotary positions have no table: any sequence length
+    assert ModelConfig.of(rope, Workload(seq_len=4096)).seq_len == 4096

@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxmoe.config import WORKLOAD_FIELDS, ConfigError, ModelConfig, architecture
+from jaxmoe.config import WORKLOAD_FIELDS, Architecture, ConfigError, ModelConfig, Workload
 from jaxmoe.train.steps import all_finite
 
 ITEMS = ("state", "data", "meta")
@@ -41,7 +41,7 @@ class Restored:
     state: Any
     data: dict
     notes: tuple[str, ...]  # one line per step set aside, then one for changed training fields
-    workload: dict  # the workload fields the checkpoint was written with
+    workload: Workload  # the workload the checkpoint was written with
 
 
 class Checkpoints:
@@ -94,8 +94,8 @@ class Checkpoints:
             if problem is None:
                 self._check_meta(restored["meta"])
                 notes += self._changes(step, restored["meta"])
-                workload = restored["meta"].get("workload") or restored["meta"]["model"]
-                workload = {k: workload.get(k) for k in WORKLOAD_FIELDS}
+                saved = restored["meta"].get("workload") or restored["meta"]["model"]
+                workload = Workload(**{k: v for k, v in saved.items() if k in WORKLOAD_FIELDS})
                 return Restored(step, restored["state"], restored["data"], tuple(notes), workload)
             notes.append(
                 f"checkpoint {step} is damaged ({problem}); {self.set_aside(step, DAMAGED)}"
@@ -243,25 +243,28 @@ def _reason(err: Exception) -> str:
 
 def meta(cfg: ModelConfig, strategy: str, train: Any) -> dict:
     return {
-        "model": architecture(cfg),
-        "workload": {field: getattr(cfg, field) for field in WORKLOAD_FIELDS},
+        "model": dataclasses.asdict(cfg.architecture),
+        "workload": dataclasses.asdict(cfg.workload),
         "strategy": strategy,
         "train": dataclasses.asdict(train),
     }
 
 
 def _architecture(saved: Any) -> Any:
-    """The architecture a saved model config describes (a checkpoint written before workload and
-    architecture were apart recorded both; one that is no valid config is left as it is)."""
+    """The architecture a saved model config describes, fields added since at their defaults (a
+    checkpoint written before workload and architecture were apart recorded both; one that is no
+    valid config is left as it is)."""
     if not isinstance(saved, dict):
         return saved
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    whole = any(field in saved for field in WORKLOAD_FIELDS)
+    kind = ModelConfig if whole else Architecture
+    known = {f.name for f in dataclasses.fields(kind)}
     try:
-        return json.loads(json.dumps(architecture(ModelConfig(**{
-            k: v for k, v in saved.items() if k in known
-        }))))  # fmt: skip
+        arch = kind(**{k: v for k, v in saved.items() if k in known})
     except (ConfigError, TypeError):
         return saved
+    arch = arch.architecture if whole else arch
+    return json.loads(json.dumps(dataclasses.asdict(arch)))
 
 
 def _difference(saved: Any, wanted: Any, most: int = 3) -> str:

@@ -166,16 +166,16 @@ class _Run:
                     f"raise --steps to train further, or use another --workdir"
                 )
             params, opt_state = restored.state
-            saved = {k: restored.workload[k] for k in ("batch", "seq_len")}
+            saved = restored.workload
             notes = restored.notes
-            if saved == {"batch": cfg.batch, "seq_len": cfg.seq_len}:
+            if (saved.batch, saved.seq_len) == (cfg.batch, cfg.seq_len):
                 positions = restored.data["rows"]
             else:  # the saved positions are of other rows: read on in a new order
                 stream["seed"] += start
                 notes += (
                     f"the data streams start afresh in the order of seed {stream['seed']}: "
-                    f"the checkpoint's positions are of {saved['batch']} rows of "
-                    f"{saved['seq_len']} tokens",
+                    f"the checkpoint's positions are of {saved.batch} rows of "
+                    f"{saved.seq_len} tokens",
                 )
             for note in notes if lead else ():
                 log.warning(note)
