@@ -215,11 +215,16 @@ class _OrphanedOperations(logging.Filter):
         return not ("exception was never retrieved" in text and "tensorstore" in text)
 
 
+ABANDONED_READS = ("_read_array_index_and_device_put",)  # orbax's read of one array's shard
+
+
 def _drop_late_callbacks() -> None:
     """After a failed read or write, tensorstore's operations still in flight call back into
     orbax's event loop, which is closed by then; each such callback's RuntimeError would print a
-    traceback, and each failed future garbage-collected unread would log one. Drop exactly those,
-    and pass every other unraisable exception and log record on."""
+    traceback, and each failed future garbage-collected unread would log one. A damaged array's
+    other shards' reads, abandoned when the first fails (the checkpoint already reported
+    damaged), would print theirs when collected. Drop exactly those, and pass every other
+    unraisable exception and log record on."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop", False):
         return
@@ -227,7 +232,9 @@ def _drop_late_callbacks() -> None:
 
     def hook(unraisable) -> None:
         err = unraisable.exc_value
-        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+        closed = isinstance(err, RuntimeError) and str(err) == "Event loop is closed"
+        abandoned = getattr(unraisable.object, "__name__", None) in ABANDONED_READS
+        if not (closed or abandoned):
             previous(unraisable)
 
     hook.drops_closed_loop = True
