@@ -230,16 +230,17 @@ def test_optimizer_state_is_sharded_like_the_parameters():
 
 @pytest.mark.parametrize("strategy", ["dp2_ep4", "fsdp4_tp2"])
 def test_composed_layouts_on_8_devices_learn_checkpoint_and_resume(tmp_path, strategy):
-    """On 8 devices: 8 steps learn; killed past the checkpoint of step 3, a rerun gives the same
-    losses; dp2_ep4 in two processes of 4 devices gives those of one process of 8."""
+    """On 8 devices: 8 steps learn; fsdp4_tp2 killed past the checkpoint of step 3, a rerun
+    gives the same losses; dp2_ep4 in two processes of 4 devices gives those of one process of
+    8."""
     args = [f"--strategy={strategy}", "--devices=8", "--set=learning_rate=3e-3"]
     whole = run(command(tmp_path / "whole", *args))
     assert whole.returncode == 0, whole.stderr[-2000:]
     reference = losses(tmp_path / "whole")
     assert sorted(reference) == list(range(1, 9)) and reference[8] < reference[1]
-    kill_then_resume(command(tmp_path / "killed", *args), tmp_path / "killed")
-    assert losses(tmp_path / "killed") == reference
-    if strategy != "dp2_ep4":
+    if strategy == "fsdp4_tp2":
+        kill_then_resume(command(tmp_path / "killed", *args), tmp_path / "killed")
+        assert losses(tmp_path / "killed") == reference
         return
     two_processes(tmp_path / "two", *args)
     for step, loss in losses(tmp_path / "two").items():
