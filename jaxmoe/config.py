@@ -87,6 +87,7 @@ class Architecture:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        check_finite(self)
         validate_architecture(self)
 
     # ---- derived sizes -------------------------------------------------------------------
@@ -172,6 +173,7 @@ class Workload:
     loss_chunk_tokens: int = 512
 
     def __post_init__(self) -> None:
+        check_finite(self)
         validate_workload(self)
 
     @property
@@ -190,6 +192,7 @@ class ModelConfig(Workload, Architecture):
     """An `Architecture` under a `Workload`: what every program is built from."""
 
     def __post_init__(self) -> None:
+        check_finite(self)
         validate(self)
 
     @classmethod
@@ -261,7 +264,7 @@ def check_finite(obj) -> None:
 
 def validate(cfg: ModelConfig) -> None:
     """Every range and divisibility check of an architecture under a workload, each naming the
-    field and the fix: each apart, then where they meet."""
+    field and the fix: each apart, then where they meet (finiteness is `check_finite`'s)."""
     validate_architecture(cfg)
     validate_workload(cfg)
     if cfg.positions == "learned" and cfg.seq_len > cfg.position_rows:
@@ -286,11 +289,9 @@ def validate_workload(work: Workload) -> None:
             fail(f.name, getattr(work, f.name), "must be a positive integer", "set it to 1 or more")
     if work.seq_len < 2:
         fail("seq_len", work.seq_len, "must be at least 2", "set seq_len=2 or more")
-    check_finite(work)
 
 
 def validate_architecture(cfg: Architecture) -> None:
-    check_finite(cfg)
     positive = ("vocab_size", "d_model", "n_heads", "head_dim", "d_ff", "n_layers")
     for field in positive:
         if getattr(cfg, field) < 1:
