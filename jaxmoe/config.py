@@ -164,13 +164,15 @@ class Architecture:
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """What a model is run on: `batch` sequences of `seq_len` tokens, `micro_batches` (a
-    pipeline's, ma_separation's ping-pong) and `loss_chunk_tokens` (tokens per chunk of the fused
-    LM head in the training loss)."""
+    pipeline's, ma_separation's ping-pong), `loss_chunk_tokens` (tokens per chunk of the fused
+    LM head in the training loss) and `decode_group_size` (tokens routed together in a decode
+    step: see `ModelConfig.decode_group`)."""
 
     batch: int = 16
     seq_len: int = 64
     micro_batches: int = 4
     loss_chunk_tokens: int = 512
+    decode_group_size: int = 0  # 0 = a micro-batch's new tokens
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -228,8 +230,22 @@ class ModelConfig(Workload, Architecture):
 
     def group_for(self, seq: int) -> int:
         """Routing group size for `seq` tokens per sequence (groups never span sequences): the
-        configured size for whole sequences, one token per group when decoding."""
-        return math.gcd(self.group_size, seq)
+        configured size for whole sequences; a decode step (one token a sequence) routes the
+        new tokens of `decode_group` sequences together."""
+        return self.decode_group if seq == 1 else math.gcd(self.group_size, seq)
+
+    @property
+    def decode_group(self) -> int:
+        """Tokens routed together in a decode step: a micro-batch's new tokens (the rows a
+        pipeline stage has at once; the whole batch where micro_batches does not divide it), or
+        at most `decode_group_size` of them (its greatest common divisor with that). Each
+        expert takes at most capacity_for(decode_group) of a group's tokens, so a step's expert
+        work is k x capacity_factor / E of a dense pass, not a slot per expert per token. The
+        size depends on the config alone, so every layout routes (and drops) exactly as one
+        device does."""
+        rows = self.batch // self.micro_batches if self.batch % self.micro_batches == 0 else 0
+        rows = rows or self.batch
+        return math.gcd(self.decode_group_size, rows) if self.decode_group_size else rows
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -284,8 +300,10 @@ def validate(cfg: ModelConfig) -> None:
 
 
 def validate_workload(work: Workload) -> None:
+    if work.decode_group_size < 0:
+        fail("decode_group_size", work.decode_group_size, "must be >= 0", "use 0 (a micro-batch)")
     for f in dataclasses.fields(Workload):
-        if getattr(work, f.name) < 1:
+        if f.name != "decode_group_size" and getattr(work, f.name) < 1:
             fail(f.name, getattr(work, f.name), "must be a positive integer", "set it to 1 or more")
     if work.seq_len < 2:
         fail("seq_len", work.seq_len, "must be at least 2", "set seq_len=2 or more")

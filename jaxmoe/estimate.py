@@ -94,8 +94,11 @@ def estimate(strategy: Strategy, cfg: ModelConfig, hw: Hardware, phase: str) -> 
     attention = cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.value_head_dim)
     if phase == "decode":
         tokens, pairs = cfg.batch, cfg.batch * cfg.seq_len
-        # one token per sequence, each its own routing group: half of two such tokens' traffic
-        step_cfg, per_call = cfg.replace(seq_len=2, moe_group_size=1), 0.5
+        # the batch's new tokens in routing groups of `decode_group`, seen as sequences of two
+        # groups (a sequence has at least two tokens): half of that traffic
+        g = cfg.decode_group
+        step_cfg = cfg.replace(batch=cfg.batch // g, seq_len=2 * g, moe_group_size=g)
+        per_call = 0.5
     else:
         tokens, pairs = cfg.tokens, cfg.batch * cfg.seq_len * (cfg.seq_len + 1) // 2
         step_cfg, per_call = cfg, 1.0

@@ -397,10 +397,11 @@ def _prompt(cfg: ModelConfig) -> np.ndarray:
 
 def _one_device_tokens(cfg: ModelConfig) -> np.ndarray:
     graphdef, params = init_params(cfg, 0)
-    return generate(decoder(cfg, graphdef), params, _prompt(cfg), GENERATED)
+    return generate(decoder(cfg, graphdef), params, _prompt(cfg), GENERATED).tokens
 
 
 def _same_tokens(cfg: ModelConfig, strategy, devices, reference: np.ndarray) -> bool:
     run = strategy.lay_out(cfg, devices)
     params = run.put(init_params(cfg, 0)[1])
-    return bool(np.array_equal(generate(run.decoder(), params, _prompt(cfg), GENERATED), reference))
+    tokens = generate(run.decoder(), params, _prompt(cfg), GENERATED).tokens
+    return bool(np.array_equal(tokens, reference))

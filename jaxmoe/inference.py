@@ -27,7 +27,8 @@ LAST_LOGITS = (Axis.LM_BATCH, Axis.VOCAB)  # [B, V]
 
 
 def prefill_fn(graphdef: nnx.GraphDef) -> Callable:
-    """(params, prompt [B, S], cache) -> (last logits [B, V], cache with positions 0..S-1)."""
+    """(params, prompt [B, S], cache) -> (last logits [B, V], cache with positions 0..S-1,
+    expert choices dropped over capacity)."""
 
     def fn(state, prompt, cache):
         return nnx.merge(graphdef, state).extend(prompt, cache, 0)
@@ -36,7 +37,8 @@ def prefill_fn(graphdef: nnx.GraphDef) -> Callable:
 
 
 def decode_fn(graphdef: nnx.GraphDef) -> Callable:
-    """(params, tokens [B, 1], cache, pos) -> (logits [B, V], cache with position pos)."""
+    """(params, tokens [B, 1], cache, pos) -> (logits [B, V], cache with position pos, expert
+    choices dropped over capacity)."""
 
     def fn(state, tokens, cache, pos):
         return nnx.merge(graphdef, state).extend(tokens, cache, pos)
@@ -49,8 +51,8 @@ class Decoder:
     """The two jitted phases of greedy generation and the empty cache they fill."""
 
     cfg: ModelConfig
-    prefill: Callable  # (params, prompt [B, S], cache) -> (logits [B, V], cache)
-    step: Callable  # (params, tokens [B, 1], cache, pos) -> (logits [B, V], cache)
+    prefill: Callable  # (params, prompt [B, S], cache) -> (logits [B, V], cache, dropped)
+    step: Callable  # (params, tokens [B, 1], cache, pos) -> (logits [B, V], cache, dropped)
     new_cache: Callable[[], Cache]
     token_sharding: jax.sharding.Sharding | None = None
 
@@ -80,13 +82,13 @@ def decoder(cfg: ModelConfig, graphdef: nnx.GraphDef, placement: Placement | Non
         placement.jit(
             prefill,
             in_shardings=(params, tokens, cache),
-            out_shardings=(logits, cache),
+            out_shardings=(logits, cache, replicated),
             donate_argnums=2,
         ),
         placement.jit(
             step,
             in_shardings=(params, tokens, cache, replicated),
-            out_shardings=(logits, cache),
+            out_shardings=(logits, cache, replicated),
             donate_argnums=2,
         ),
         jax.jit(lambda: layout_cache(cfg, strategy), out_shardings=cache),
@@ -119,8 +121,17 @@ def cache_sharding(placement: Placement) -> Cache:
     )
 
 
-def generate(dec: Decoder, params, prompt, steps: int) -> np.ndarray:
-    """Greedy continuation of `prompt` [B, S]: the next `steps` tokens [B, steps]."""
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """Greedy tokens [B, steps] and the expert choices that found their expert full (prefill's
+    and every decode step's, over all MoE layers; such a choice keeps only its residual)."""
+
+    tokens: np.ndarray
+    dropped_choices: int
+
+
+def generate(dec: Decoder, params, prompt, steps: int) -> Generation:
+    """Greedy continuation of `prompt` [B, S]: the next `steps` tokens."""
     cfg = dec.cfg
     batch, length = np.shape(prompt)
     if batch != cfg.batch:
@@ -130,15 +141,17 @@ def generate(dec: Decoder, params, prompt, steps: int) -> np.ndarray:
             f"a {length}-token prompt and {steps} new tokens exceed seq_len={cfg.seq_len}; "
             f"set seq_len to at least {length + steps} or generate fewer tokens"
         )
-    logits, cache = dec.prefill(params, dec.put_tokens(prompt), dec.new_cache())
-    out = []
+    logits, cache, dropped = dec.prefill(params, dec.put_tokens(prompt), dec.new_cache())
+    out, drops = [], [dropped]
     for i in range(steps):
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)[:, None]  # [B, 1]
         out.append(token)
         if i + 1 < steps:
             pos = jnp.asarray(length + i, jnp.int32)
-            logits, cache = dec.step(params, dec.put_tokens(token), cache, pos)
-    return np.asarray(jnp.concatenate(out, axis=1))
+            logits, cache, dropped = dec.step(params, dec.put_tokens(token), cache, pos)
+            drops.append(dropped)
+    tokens = np.asarray(jnp.concatenate(out, axis=1))
+    return Generation(tokens, round(sum(float(d) for d in drops)))
 
 
 def compile_phases(

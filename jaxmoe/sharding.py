@@ -180,7 +180,9 @@ class Strategy:
         an axis already used stay unsplit over it (so `[E, G, ...]` is split by experts and
         `[G, E, ...]` by groups when both map to the same mesh axis). Key-value heads are split as
         query heads where their count (from `shape`) divides, else replicated: a device then
-        holds the key-value head of its query heads' group (Megatron's rule).
+        holds the key-value head of its query heads' group (Megatron's rule). Routing groups
+        are split over as many of their mesh axes, in order, as divide their count (a decode
+        step's few groups), the rest of those axes left to later dimensions.
         """
         rules = self.weight_rules if param else self.rules
         used: set[str] = set()
@@ -189,6 +191,9 @@ class Strategy:
             axes = tuple(a for a in self._rule(rules, name) if a not in used) if name else ()
             if name == Axis.KV_HEADS and shape is not None and shape[i] % self._size(axes):
                 axes = ()
+            if name == Axis.GROUP and shape is not None:
+                while axes and shape[i] % self._size(axes):
+                    axes = axes[:-1]
             used.update(axes)
             parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
         return PartitionSpec(*parts)

@@ -254,7 +254,7 @@ def _time(phase: Phase, compiled, dec: Decoder, params, measure) -> Timing:
     state = {"cache": dec.new_cache()}
 
     def step():
-        logits, state["cache"] = compiled(params, token, state["cache"], position)
+        logits, state["cache"], _ = compiled(params, token, state["cache"], position)
         return logits
 
     return time_calls(step, warmup=measure.warmup, iters=measure.iters)

@@ -33,6 +33,7 @@ from jaxmoe.sharding import check_divisible
         ({"moe_group_size": 7}, "moe_group_size"),
         ({"expert_dropout": 1.0}, "expert_dropout"),
         ({"seq_len": 1}, "seq_len"),
+        ({"decode_group_size": -1}, "decode_group_size"),
     ],
 )
 def test_invalid_fields_are_named(changes, field):
@@ -48,6 +49,23 @@ def test_derived_sizes():
     mixed = cfg.replace(n_layers=4, moe_every=2)
     assert (mixed.n_blocks, mixed.n_moe_layers, mixed.n_dense_layers) == (2, 2, 2)
     assert cfg.replace(moe_group_size=16).n_groups == 64
+
+
+@pytest.mark.parametrize(
+    ("batch", "micro_batches", "size", "group"),
+    [
+        (16, 4, 0, 4),  # a micro-batch's new tokens
+        (16, 1, 0, 16),  # the whole batch
+        (6, 4, 0, 6),  # micro-batches do not divide the batch: the whole batch
+        (16, 1, 8, 8),
+        (16, 4, 8, 4),  # at most a micro-batch
+        (16, 1, 6, 2),  # the largest that divides the rows
+    ],
+)
+def test_decode_routing_groups(batch, micro_batches, size, group):
+    cfg = tiny(True, batch=batch, micro_batches=micro_batches, decode_group_size=size)
+    assert cfg.decode_group == group == cfg.group_for(1)
+    assert cfg.group_for(cfg.seq_len) == cfg.seq_len  # whole sequences as before
 
 
 def test_overrides_parse_types_and_reject_unknowns():

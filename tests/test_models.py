@@ -94,10 +94,10 @@ def decode_error(cfg, prompt: int = 10) -> float:
     tokens = jax.random.randint(jax.random.key(1), (cfg.batch, cfg.seq_len), 0, cfg.vocab_size)
     full, _ = jax.jit(lambda t: m(t))(tokens)
     extend = jax.jit(lambda t, c, p: m.extend(t, c, p))
-    logits, cache = extend(tokens[:, :prompt], init_cache(cfg, cfg.batch), 0)
+    logits, cache, _ = extend(tokens[:, :prompt], init_cache(cfg, cfg.batch), 0)
     errors = [jnp.max(jnp.abs(logits - full[:, prompt - 1]))]
     for i in range(prompt, cfg.seq_len):
-        logits, cache = extend(tokens[:, i : i + 1], cache, jnp.asarray(i, jnp.int32))
+        logits, cache, _ = extend(tokens[:, i : i + 1], cache, jnp.asarray(i, jnp.int32))
         errors.append(jnp.max(jnp.abs(logits - full[:, i])))
     return float(max(errors) / jnp.max(jnp.abs(full)))
 

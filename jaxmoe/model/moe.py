@@ -4,8 +4,10 @@ Tokens are routed in groups of `group_size` tokens (G groups; one group per sequ
 GShard-style: every token's first choice is placed before any second choice, in sequence order,
 and an expert takes at most C = ceil(k * group_size * capacity_factor / E) tokens per group. A
 token that finds its expert full is dropped for that choice (counted) and keeps its residual.
-A decode step routes each new token in a group of its own (C = 1; no choice is ever dropped),
-so its dispatched tensor [E, B, 1, D] is E / k times the tokens' bytes.
+A decode step (one new token a sequence) routes the new tokens of `cfg.decode_group` sequences
+together, with the same capacity rule, so the experts do k x capacity_factor / E of a dense
+pass's work over them (not a slot per expert per token); choices over capacity are counted as
+dropped, as in training.
 
 Dispatch and combine are one-hot einsums. The dispatched tensor [E, G, C, D] is laid out by
 experts and the returning one [G, E, C, D] by groups, so a strategy that maps experts and groups
@@ -22,6 +24,8 @@ Router scores are a softmax over the experts (Mixtral, Qwen, gpt-oss) or each ex
 experts whose two best scores sum highest. Shared experts (`n_shared_experts`) are one gated MLP
 every token passes through beside its routed experts.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +118,13 @@ def limit_groups(scores: jax.Array, cfg: ModelConfig) -> jax.Array:
     return jnp.where(keep, scores, -1.0)
 
 
+def dropped_choices(sums) -> jax.Array:
+    """Choices over capacity in routing sums (any leading axes, summed; 0 without MoE layers)."""
+    if not sums:
+        return jnp.zeros((), jnp.float32)
+    return jnp.sum(sums["assigned"]) - jnp.sum(sums["kept"])
+
+
 def router_metrics(sums: dict) -> dict:
     """Router losses and load from `route`'s sums (any leading axes, e.g. layers, are kept).
 
@@ -189,8 +200,8 @@ class Moe(nnx.Module):
         """x: [B, S, D], rows first_row.. of the batch -> ([B, S, D], routing statistics)."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         b, s, d = x.shape
-        group = cfg.group_for(s)
-        xg = constrain(x.reshape(b * s // group, group, d), TOKENS)
+        group = math.gcd(cfg.group_for(s), b * s)
+        xg = constrain(x.reshape(b * s // group, group, d), TOKENS)  # decoding: rows together
         with jax.named_scope("router"):
             router = self.router[...].astype(jnp.float32)
             logits = project(
@@ -204,7 +215,7 @@ class Moe(nnx.Module):
             xe = constrain(jnp.einsum("GSEC,GSD->GECD", dispatch.astype(dt), xg), AT_GROUPS)
             xe = constrain(jnp.transpose(xe, (1, 0, 2, 3)), AT_EXPERTS)
         with jax.named_scope("experts"):
-            ye = self.experts(xe, dropout_key, first_row * (s // group))
+            ye = self.experts(xe, dropout_key, first_row * s // group)
         with jax.named_scope("combine"):
             ye = constrain(jnp.transpose(ye, (1, 0, 2, 3)), AT_GROUPS)
             combine = constrain(combine.astype(dt), COMBINE)

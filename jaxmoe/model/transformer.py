@@ -24,7 +24,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.model.attention import KV, RESIDUAL, Attention, cache_heads
 from jaxmoe.model.latent import Latent, LatentAttention
 from jaxmoe.model.mlp import Mlp
-from jaxmoe.model.moe import Moe, router_metrics
+from jaxmoe.model.moe import Moe, dropped_choices, router_metrics
 from jaxmoe.model.params import RMSNorm, weight
 from jaxmoe.model.xent import PADDING, cross_entropy
 from jaxmoe.sharding import constrain, run_layers, scan_layers
@@ -199,10 +199,11 @@ class Transformer(nnx.Module):
 
     def extend(
         self, tokens: jax.Array, cache: Cache, pos: jax.Array | int
-    ) -> tuple[jax.Array, Cache]:
-        """tokens [B, S] at positions pos.. -> (logits of the last one [B, V], updated cache)."""
-        x, _, cache = self._layers(self.embed_tokens(tokens, pos), None, cache, pos)
-        return self.logits(self.final_norm(x[:, -1:]))[:, 0], cache
+    ) -> tuple[jax.Array, Cache, jax.Array]:
+        """tokens [B, S] at positions pos.. -> (logits of the last one [B, V], updated cache,
+        expert choices dropped over capacity on the way)."""
+        x, stats, cache = self._layers(self.embed_tokens(tokens, pos), None, cache, pos)
+        return self.logits(self.final_norm(x[:, -1:]))[:, 0], cache, dropped_choices(stats)
 
     def embed_tokens(self, tokens: jax.Array, pos: jax.Array | int) -> jax.Array:
         """tokens [B, S] at positions pos.. -> the first block's input [B, S, D]."""

@@ -222,13 +222,6 @@ class Separation:
         piece = cfg.replace(batch=cfg.batch // cfg.micro_batches)
         check_divisible(self.attention_cfg(piece), self.attention_strategy(cfg))
         check_divisible(piece, self.experts)
-        groups = self.experts.split_factor(Axis.GROUP)
-        if piece.batch % groups:  # a decode step routes each micro-batch's tokens one per group
-            raise ConfigError(
-                f"{self.name}: a micro-batch of {piece.batch} sequences does not split over "
-                f"{groups} expert devices when decoding; choose batch as a multiple of "
-                f"{groups * cfg.micro_batches} or fewer micro_batches"
-            )
 
     def make_meshes(self, devices: Sequence[jax.Device]) -> tuple[Mesh, Mesh]:
         """(attention mesh on the first devices, expert mesh on the next ones)."""

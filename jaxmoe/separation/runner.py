@@ -35,6 +35,7 @@ from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.inference import Decoder
 from jaxmoe.model import KV
 from jaxmoe.model.attention import CORE, RESIDUAL
+from jaxmoe.model.moe import dropped_choices
 from jaxmoe.placement import TOKENS, abstract_model
 from jaxmoe.separation import params as sp
 from jaxmoe.separation.layout import Separation
@@ -278,12 +279,14 @@ class Separated:
         ]
 
     def extend(self, params: sp.SepParams, tokens, cache, pos):
-        """tokens [B, S] at positions pos.. -> (last position's logits [B, V], the cache)."""
+        """tokens [B, S] at positions pos.. -> (last position's logits [B, V], the cache, expert
+        choices dropped over capacity)."""
         pos = np.int32(pos)
         xs = [self.programs.embed(params.outer, t, pos) for t in self._split_rows(tokens)]
-        xs, ys, _ = self._blocks(_Call(), params, xs, cache, pos, None)
+        xs, ys, stats = self._blocks(_Call(), params, xs, cache, pos, None)
         last = [self.programs.last_logits(params.outer, x, y) for x, y in zip(xs, ys, strict=True)]
-        return np.concatenate([np.asarray(a) for a in last]), cache
+        dropped = sum(float(dropped_choices(sums)) for row in stats for sums in row)
+        return np.concatenate([np.asarray(a) for a in last]), cache, dropped
 
     def decoder(self) -> Decoder:
         """Greedy generation's two phases (for `inference.generate`), run separated."""
