@@ -90,7 +90,7 @@ def page(devices: Sequence[jax.Device]) -> str:
             f"## `{name}`\n\n{layout.description}.\n\n**Mesh:** {mesh}\n\n{rules}\n\n"
             f"**Why:** {(module.__doc__ or '').strip()}\n\n"
             f"**Collectives per layer** (tiny_moe, forward, per device): {collectives or 'none'}; "
-            f"{r.bytes_vs_textbook:.3f} x the textbook volume.\n\n"
+            f"{r.bytes_vs_minimum:.3f} x the least volume the layout needs.\n\n"
             f"**Bound** (paper 000, {PLAN[1]}): {bound_text or 'cannot run this model'}."
         )
     return "\n\n".join(parts) + "\n"

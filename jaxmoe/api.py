@@ -110,7 +110,7 @@ def compare(
     """Lay `cfg` out under each layout (default: every registered one that can split it; the
     others are listed with the reason). The forward pass runs on the same parameters and tokens
     as one device and is held against it; other phases are compiled on abstract inputs.
-    Collectives per layer, bytes against the textbook, memory."""
+    Collectives per layer, bytes against the layout's minimum, memory."""
     model = config(cfg)
     chosen, refused = _layouts(layouts, transfer_bits), ()
     if layouts is None:

@@ -3,7 +3,7 @@
 For every strategy: the same parameters and tokens as the one-device reference, the largest
 logits difference from it (none where either gave NaN or infinite logits: those are counted,
 and `check_finite` turns them into one error line), the collectives XLA inserted (per layer and
-in all), the bytes each device sends against the textbook volume of the layout, parameter bytes
+in all), the bytes each device sends against the least volume the layout needs, parameter bytes
 per device and the compiled memory analysis. Returns data; printing is the CLI's business.
 """
 
@@ -41,10 +41,10 @@ class LayoutReport(ProgramCost):
         return sum(b for _, b in self.per_layer.values())
 
     @property
-    def bytes_vs_textbook(self) -> float:
-        if self.textbook_bytes_per_layer == 0:
+    def bytes_vs_minimum(self) -> float:
+        if self.minimum_bytes_per_layer == 0:
             return 1.0 if self.bytes_per_layer == 0 else float("inf")
-        return self.bytes_per_layer / self.textbook_bytes_per_layer
+        return self.bytes_per_layer / self.minimum_bytes_per_layer
 
     def to_json(self, cfg: ModelConfig) -> dict:
         totals = self.inventory.by_kind()
@@ -63,8 +63,8 @@ class LayoutReport(ProgramCost):
                 k: {"count": c, "bytes": b} for k, (c, b) in self.per_layer.items()
             },
             "bytes_per_layer": self.bytes_per_layer,
-            "textbook_bytes_per_layer": self.textbook_bytes_per_layer,
-            "bytes_vs_textbook": self.bytes_vs_textbook,
+            "minimum_bytes_per_layer": self.minimum_bytes_per_layer,
+            "bytes_vs_minimum": self.bytes_vs_minimum,
             "bubble_fraction": self.bubble_fraction,
             "param_bytes_per_device": self.param_bytes_per_device,
             "param_bytes_total": self.param_bytes_total,

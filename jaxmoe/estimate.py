@@ -10,7 +10,8 @@ For one mesh of rules (a `Strategy`) and one phase:
   bubble;
 - memory traffic: the weights each device reads where it uses them (all its layer's weights for
   FSDP) and, decoding, its share of the KV cache;
-- communication: the layout's textbook bytes per layer (x2 and the gradient sums when training),
+- communication: the layout's least bytes per layer (x2 and the gradient sums when training;
+  a pipeline's idle iterations sending as the busy ones do),
   over NVLink when the devices that exchange them share a node, the network otherwise.
 
 The estimate is the largest of the three times, and compute-or-memory plus communication, as the
@@ -30,6 +31,7 @@ from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.axes import Axis
 from jaxmoe.config import ModelConfig
 from jaxmoe.inference import layout_cache
+from jaxmoe.layout import minimum_per_layer
 from jaxmoe.model.transformer import cache_logical
 from jaxmoe.placement import abstract_model
 from jaxmoe.sharding import Strategy, logical_specs, part_axes
@@ -94,24 +96,17 @@ def estimate(strategy: Strategy, cfg: ModelConfig, hw: Hardware, phase: str) -> 
     attention = cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.value_head_dim)
     if phase == "decode":
         tokens, pairs = cfg.batch, cfg.batch * cfg.seq_len
-        # the batch's new tokens in routing groups of `decode_group`, seen as sequences of two
-        # groups (a sequence has at least two tokens): half of that traffic
-        g = cfg.decode_group
-        step_cfg = cfg.replace(batch=cfg.batch // g, seq_len=2 * g, moe_group_size=g)
-        per_call = 0.5
     else:
         tokens, pairs = cfg.tokens, cfg.batch * cfg.seq_len * (cfg.seq_len + 1) // 2
-        step_cfg, per_call = cfg, 1.0
     flops = (2 * active * tokens + 2 * attention * pairs) * (3 if phase == "train" else 1)
     busy = 1 - strategy.bubble_fraction(cfg)
     compute = flops / n / hw.peak_flops(cfg.dtype) / busy
     cached = _cache_per_device(strategy, cfg) if phase == "decode" else 0.0
     memory = (read * (3 if phase == "train" else 1) + cached) / hw.hbm_bandwidth
-    volume = strategy.textbook_bytes(step_cfg)
-    sent = per_call * (cfg.n_dense_layers * volume["dense"] + cfg.n_moe_layers * volume["moe"])
-    if phase == "train":
-        copies = n * held / total  # mean devices holding each weight
-        sent = 2 * sent + 2 * held * (1 - 1 / copies)
+    copies = n * held / total  # mean devices holding each weight
+    sync = 2 * held * (1 - 1 / copies) if phase == "train" else 0.0
+    # a pipeline's idle iterations send as its busy ones do
+    sent = minimum_per_layer(cfg, strategy, phase, sync) * cfg.n_layers / busy
     comm = sent / _link(strategy, hw)
     kept = held * (4 if phase == "train" else 1) + cached
     return Estimate(max(compute, memory, comm), max(compute, memory) + comm, kept)

@@ -1,7 +1,7 @@
 """The layout interface: what every layout does, whatever kind it is.
 
 A `Layout` is a value (an SPMD rule table over one mesh, a pipeline schedule, attention and
-experts on two sub-meshes): it checks a config, names its meshes and textbook traffic, and lays a
+experts on two sub-meshes): it checks a config, names its meshes and least traffic, and lays a
 model out on devices. What it lays out is a `LaidOut`: it places parameters, runs the forward
 pass, builds the decoder and the trainer, and compiles each phase's programs to say what they
 cost. Library code and the CLI call these and never ask which kind of layout they hold.
@@ -47,7 +47,7 @@ class ProgramCost:
     phase: Phase
     inventory: Inventory
     per_layer: dict[str, tuple[float, float]]
-    textbook_bytes_per_layer: float
+    minimum_bytes_per_layer: float
     bubble_fraction: float  # share of a pipeline schedule's iterations a stage idles (0: none)
     param_bytes_per_device: int
     param_bytes_total: int
@@ -114,9 +114,12 @@ class Layout(Protocol):
         """The configs this layout could run `cfg` as, preferred first, each with the layout's
         name for it (a separation may take fewer micro-batches)."""
 
-    def textbook_bytes(self, cfg: ModelConfig) -> dict[str, float]:
-        """Bytes one device should send per layer in the forward pass, `{"dense": ..., "moe": ...}`
-        (the training step's volume is the laid-out model's: `LaidOut.cost("train")`)."""
+    def minimum_bytes(self, cfg: ModelConfig) -> dict[str, float]:
+        """The least bytes one device must send per layer in the forward pass over cfg's batch,
+        `{"dense": ..., "moe": ...}`, for where the layout puts parameters and activations, each
+        exchange by its best standard collective (ring all-reduce, all-gather, all-to-all,
+        point-to-point), derived from the layout alone; a pipeline's idle iterations are not
+        counted (`minimum_per_layer` has the other phases)."""
 
     def bubble_fraction(self, cfg: ModelConfig) -> float:
         """Share of a pipeline schedule's iterations a stage idles (0 without one)."""
@@ -129,10 +132,28 @@ class Layout(Protocol):
         """Check `cfg` (one-line ConfigError) and lay it out on `devices`."""
 
 
-def textbook_per_layer(cfg: ModelConfig, layout: Layout) -> float:
-    """Mean over layers of the layout's textbook bytes per device in the forward pass."""
-    volume = layout.textbook_bytes(cfg)
-    return (cfg.n_dense_layers * volume["dense"] + cfg.n_moe_layers * volume["moe"]) / cfg.n_layers
+def decode_step(cfg: ModelConfig) -> tuple[ModelConfig, float]:
+    """A decode step as a forward pass: (a config whose forward pass routes and moves what the
+    step does, the share of it the step is). The batch's new tokens in routing groups of
+    `decode_group` are seen as sequences of two such groups (a sequence has two tokens or
+    more), of which the step is half."""
+    g = cfg.decode_group
+    return cfg.replace(batch=cfg.batch // g, seq_len=2 * g, moe_group_size=g), 0.5
+
+
+def minimum_per_layer(
+    cfg: ModelConfig, layout: Layout, phase: Phase = "forward", gradient_bytes: float = 0.0
+) -> float:
+    """Mean over layers of the least bytes a device must send in `phase`: the forward pass's
+    (prefill's: the same layers over the prompt), a decode step's (its one new token a
+    sequence), or a training step's, twice the forward pass's (each collective's transpose
+    moves as much) plus `gradient_bytes`, the step's gradient reductions."""
+    step, share = decode_step(cfg) if phase == "decode" else (cfg, 1.0)
+    volume = layout.minimum_bytes(step)
+    forward = share * (cfg.n_dense_layers * volume["dense"] + cfg.n_moe_layers * volume["moe"])
+    if phase == "train":
+        return (2 * forward + gradient_bytes) / cfg.n_layers
+    return forward / cfg.n_layers
 
 
 def per_layer(inv: Inventory, n_layers: int, *, in_loop: bool | None = True) -> dict:

@@ -13,6 +13,11 @@ over those devices (nothing crosses them; a loop can accumulate them), and `sum_
 once, reduce-scattering over the axes that split the weight and all-reducing over the others.
 `project` is an einsum with a weight whose backward pass does both; it changes the program only
 under a layout that gathers its parameters (`Strategy.gathered_axes`).
+
+`local_then_sum` is the forward pass's counterpart: a computation whose partial results are
+linear in what each device holds (Megatron's row-parallel projection followed by more linear
+work) runs on each device's share and its result is summed once, where XLA's partitioner would
+sum at the first contraction over a split dimension.
 """
 
 from __future__ import annotations
@@ -54,6 +59,62 @@ class Split:
             fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, axis_names=names,
             check_vma=False,
         )  # fmt: skip
+
+
+def mesh_axes_of(
+    logical: Sequence[Logical], dims: Sequence[Axis], shapes: Sequence[Sequence[int]]
+) -> MeshAxes:
+    """The mesh axes that split, under the active layout, any dimension named by one of `dims`
+    in arrays with these logical axes and shapes (in mesh order; none outside a layout), a
+    pipeline's stage axis aside."""
+    layout = active_layout()
+    if layout is None:
+        return ()
+    mesh, strategy = layout
+    used = {
+        a
+        for axes, shape in zip(logical, shapes, strict=True)
+        for name, part in zip(axes, strategy.spec(axes, shape=shape), strict=True)
+        if name in dims
+        for a in part_axes(part)
+    } - {active_stage_axis()}
+    return tuple(name for name in mesh.axis_names if name in used)
+
+
+def local_then_sum(
+    fn: Callable,
+    args: Sequence[jax.Array],
+    args_axes: Sequence[Logical],
+    out: tuple[Logical, Sequence[int]],
+    axes: MeshAxes,
+    *,
+    vary: Sequence[int] = (),
+) -> jax.Array:
+    """fn(*args), run on each device's share of `args` and summed once over mesh axes `axes`
+    (an all-reduce of fn's result, whose logical axes and shape are `out`). fn must be linear
+    in what it sums: applied to the shares, its results add up to fn of the whole arrays.
+
+    The region is manual over every mesh axis (a bfloat16 all-reduce in a region manual over
+    some of them crashes XLA's CPU compiler), so the args come as the layout places them and
+    fn sees plain local arrays. `vary`: the args, whole on every device of `axes`, whose
+    gradient is summed over `axes` where it enters (else at its first use, maybe larger)."""
+    mesh, strategy = active_layout()
+    in_specs = tuple(
+        strategy.spec(logical, shape=a.shape) for a, logical in zip(args, args_axes, strict=True)
+    )
+    out_spec = _only(strategy.spec(out[0], shape=out[1]), lambda a: a not in axes)
+
+    def local(*shares):
+        shares = [_vary(a, axes) if i in vary else a for i, a in enumerate(shares)]
+        return jax.lax.psum(fn(*shares), axes)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec)(*args)
+
+
+def _vary(a: jax.Array, axes: MeshAxes) -> jax.Array:
+    """`a` marked as varying over those of `axes` it is whole on."""
+    whole = tuple(ax for ax in axes if ax not in jax.typeof(a).manual_axis_type.varying)
+    return jax.lax.pcast(a, whole, to="varying") if whole else a
 
 
 def _only(spec: PartitionSpec, keep: Callable[[str], bool]) -> PartitionSpec:
@@ -169,3 +230,66 @@ def project(equation: str, x: jax.Array, x_axes: Logical, w: jax.Array, w_axes: 
 
     run.defvjp(forward, backward)
     return run(x, w)
+
+
+def project_once(equation: str, x: jax.Array, x_axes: Logical, w: jax.Array, w_axes: Logical):
+    """`project`, its partial sums over contracted dimensions split over several mesh axes
+    added in one all-reduce over all of them (XLA's partitioner reduces over each axis in turn:
+    heads x dims' output projection all-reduced over dims, then over heads)."""
+    xs, ws, out = _operands(equation)
+    layout = active_layout()
+    if layout is None or layout[1].gathered_axes:
+        return project(equation, x, x_axes, w, w_axes)
+    logical, shapes = (x_axes, w_axes), (x.shape, w.shape)
+    summed = [a for letter, a in zip(xs, x_axes, strict=True) if letter not in out]
+    kept = [a for letters, axes in zip((xs, ws), logical, strict=True)
+            for letter, a in zip(letters, axes, strict=True) if letter in out]  # fmt: skip
+    axes = mesh_axes_of(logical, summed, shapes)
+    if len(axes) < 2 or set(axes) & set(mesh_axes_of(logical, kept, shapes)):
+        return project(equation, x, x_axes, w, w_axes)
+    result = (_of_result(equation, x_axes, w_axes), _of_result(equation, x.shape, w.shape))
+    return local_then_sum(lambda x, w: jnp.einsum(equation, x, w), (x, w), logical, result, axes)
+
+
+def project_together(
+    x: jax.Array, x_axes: Logical, projections: Sequence[tuple[str, jax.Array, Logical]]
+) -> list[jax.Array]:
+    """`project` of one activation x by several weights (equation, weight, its logical axes),
+    x's gradient summed once. Where a layout splits the projections' outputs over mesh axes that
+    leave x whole (Megatron's column-parallel q, k, v), each device's share of x's gradient is a
+    sum of one partial per projection; XLA's partitioner all-reduces each apart. Here they run
+    in one region where x is marked as varying, so the backward pass adds them and all-reduces
+    once. Outside such a layout (or where an output is not split alike: key-value heads
+    repeated over devices), plain `project`s."""
+    layout = active_layout()
+
+    def plain() -> list[jax.Array]:
+        return [project(eq, x, x_axes, w, w_axes) for eq, w, w_axes in projections]
+
+    if layout is None or layout[1].gathered_axes:
+        return plain()
+    mesh, strategy = layout
+    outs = [
+        (_of_result(eq, x_axes, w_axes), _of_result(eq, x.shape, w.shape))
+        for eq, w, w_axes in projections
+    ]
+    x_split = {a for part in strategy.spec(x_axes, shape=x.shape) for a in part_axes(part)}
+    split = [
+        {a for part in strategy.spec(axes, shape=shape) for a in part_axes(part)} - x_split
+        for axes, shape in outs
+    ]
+    if not split[0] or any(s != split[0] for s in split):
+        return plain()
+    axes = tuple(name for name in mesh.axis_names if name in split[0])
+
+    def local(x, *weights):
+        x = _vary(x, axes)
+        return [jnp.einsum(eq, x, w) for (eq, _, _), w in zip(projections, weights, strict=True)]
+
+    in_specs = (
+        strategy.spec(x_axes, shape=x.shape),
+        *(strategy.spec(w_axes, shape=w.shape) for _, w, w_axes in projections),
+    )
+    out_specs = [strategy.spec(axes, shape=shape) for axes, shape in outs]
+    weights = [w for _, w, _ in projections]
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(x, *weights)

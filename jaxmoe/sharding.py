@@ -28,14 +28,22 @@ Rules = Mapping[Axis, MeshAxes]
 # (step, x, per_block, cache, mesh, cfg) -> (x, stacked step outputs, cache): run `step` over
 # the stacked blocks. `step(x, block, block_cache, first_row) -> (x, outputs, block_cache)`, x
 # being rows first_row.. of the batch; `cache` (None when not decoding) is stacked like the
-# blocks with the batch on its second axis.
+# blocks with the batch on its second axis. With `last_only=True` the caller reads only the last
+# position of x, and the runner may return just that ([B, 1, D]).
 LayerRunner = Callable[
     [Callable, jax.Array, Any, Any, Mesh, ModelConfig], tuple[jax.Array, Any, Any]
 ]
 
 
 def scan_layers(
-    step: Callable, x: jax.Array, per_block: Any, cache: Any, *_, first_row=0, indexed=False
+    step: Callable,
+    x: jax.Array,
+    per_block: Any,
+    cache: Any,
+    *_,
+    first_row=0,
+    indexed=False,
+    last_only=False,
 ) -> tuple[jax.Array, Any, Any]:
     """The default layer runner: one `lax.scan` over the stacked blocks.
 
@@ -46,6 +54,8 @@ def scan_layers(
     `indexed`: the blocks too are read at their index, not scanned over. A pipeline stage runs
     under `vmap` over the stages; scanned over, its blocks [P, L/P, ...] would be transposed to
     put the layers first, a copy of the stage's weights in every iteration.
+
+    `last_only` changes nothing here: every position is at hand and the caller slices.
     """
 
     def body(carry, block):
@@ -69,14 +79,14 @@ def scan_layers(
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
-    """A placement: a mesh shape, logical-to-mesh rules and the textbook traffic of the layout.
+    """A placement: a mesh shape, logical-to-mesh rules and the least traffic of the layout.
 
     `param_rules` are the rules of parameters where they differ from the activations' (FSDP
     splits each weight's model width over the devices that split the batch, and gathers it for
     use); `gathered_axes` are the mesh axes they add.
 
-    `textbook_bytes(cfg)` gives the bytes one device should send per layer in the forward pass,
-    as `{"dense": ..., "moe": ...}`, from the collective formulas of strategies.md. Where rules
+    `minimum_bytes(cfg)` gives the least bytes one device must send per layer in the forward
+    pass, as `{"dense": ..., "moe": ...}`, from the ring formulas of strategies.md. Where rules
     cannot say it, `run_layers` replaces the scan over the blocks (a pipeline schedule),
     `extra_checks(cfg)` adds the strategy's own checks, raising ConfigError, and
     `bubble_fraction(cfg)` is the share of a pipeline schedule's iterations a stage spends idle
@@ -87,7 +97,7 @@ class Strategy:
     mesh_shape: tuple[tuple[str, int], ...]
     rules: Rules
     description: str
-    textbook_bytes: Callable[[ModelConfig], dict[str, float]]
+    minimum_bytes: Callable[[ModelConfig], dict[str, float]]
     run_layers: LayerRunner = scan_layers
     extra_checks: Callable[[ModelConfig], None] = lambda cfg: None
     bubble_fraction: Callable[[ModelConfig], float] = lambda cfg: 0.0
@@ -267,14 +277,15 @@ def laid_out_jit(mesh: Mesh, strategy: Strategy, fn: Callable, **kwargs) -> Call
 
 
 def run_layers(
-    step: Callable, x: jax.Array, per_block: Any, cache: Any, cfg: ModelConfig
+    step: Callable, x: jax.Array, per_block: Any, cache: Any, cfg: ModelConfig, *, last_only=False
 ) -> tuple[jax.Array, Any, Any]:
-    """Run `step` over the stacked blocks as the active strategy says (a scan by default)."""
+    """Run `step` over the stacked blocks as the active strategy says (a scan by default);
+    `last_only`: the caller reads only the last position of the result."""
     layout = _LAYOUT.get()
     if layout is None:
         return scan_layers(step, x, per_block, cache)
     mesh, strategy = layout
-    return strategy.run_layers(step, x, per_block, cache, mesh, cfg)
+    return strategy.run_layers(step, x, per_block, cache, mesh, cfg, last_only=last_only)
 
 
 def constrain(x: jax.Array, logical: Sequence[Axis | None]) -> jax.Array:

@@ -23,7 +23,7 @@ from jaxmoe.analysis.roofline import program_bound
 from jaxmoe.config import ModelConfig
 from jaxmoe.explain import collectives_by_place, parameters
 from jaxmoe.inference import Decoder, cache_sharding, compile_phases, decoder, new_cache
-from jaxmoe.layout import Phase, ProgramCost, per_layer, textbook_per_layer
+from jaxmoe.layout import Phase, ProgramCost, minimum_per_layer, per_layer
 from jaxmoe.placement import (
     compiled_param_shardings,
     forward,
@@ -123,21 +123,19 @@ class SpmdRun:
         cfg, s = self.cfg, self.strategy
         inv = inventory(compiled.as_text(), s.axis_sizes)
         abstract = self.placement.abstract
-        textbook = textbook_per_layer(cfg, s)
         memory = memory_per_device(compiled)
+        sync = 0.0
         if trainer is not None:
-            textbook = (
-                2 * textbook
-                + gradient_sync_bytes(self.abstract_params(), s.gathered_axes) / cfg.n_layers
-            )
+            sync = gradient_sync_bytes(self.abstract_params(), s.gathered_axes)
             memory = self._train_memory(trainer, memory)
+        minimum = minimum_per_layer(cfg, s, phase, sync)
         return ProgramCost(
             strategy=s.name,
             mesh=s.axis_sizes,
             phase=phase,
             inventory=inv,
             per_layer=per_layer(inv, cfg.n_layers, in_loop=None if trainer else True),
-            textbook_bytes_per_layer=textbook,
+            minimum_bytes_per_layer=minimum,
             bubble_fraction=s.bubble_fraction(cfg),
             param_bytes_per_device=param_bytes_per_device(compiled, abstract),
             param_bytes_total=param_bytes_total(abstract),

@@ -1,8 +1,8 @@
 """Layouts composed from parallelism axes: `dp2_ep8`, `fsdp4_tp4`, `dp2_tp4_pp2`, `heads4_dims8`.
 
 A name is underscore-joined tokens `<axis><size>`, any order; the sizes multiply to the device
-count. Each axis contributes rules for activations and parameters, its checks and its textbook
-traffic:
+count. Each axis contributes rules for activations and parameters, its checks and the least
+traffic it needs:
 
 - `dp`   data parallel: the batch split over `data`; parameters and Adam's state replicated, the
          gradients all-reduced once per step.
@@ -138,20 +138,40 @@ def _rules(c: Composition) -> tuple[dict, dict]:
     return {k: v for k, v in rules.items() if v}, {Axis.EMBED: on("fsdp")} if c["fsdp"] > 1 else {}
 
 
-def textbook_bytes(c: Composition, cfg: ModelConfig) -> dict[str, float]:
-    """Bytes one device sends per layer in the forward pass (strategies.md's formulas), each
-    collective on the share of the batch its group holds."""
+def minimum_bytes(c: Composition, cfg: ModelConfig) -> dict[str, float]:
+    """The least bytes one device sends per layer in the forward pass (strategies.md's ring
+    formulas), each collective on the share of the batch its group holds:
+
+    - tp: one all-reduce of the tokens [B, S, D] after attention and one after the MLP or the
+      experts; heads x dims: four all-to-alls over dims (q, k, v to whole heads, the output
+      back) and one all-reduce over all h x d devices for each of W_o, the MLP, the experts;
+    - ep: the dispatched slots [E, G, C, D] to the experts and back, an all-to-all each way
+      (with tp too, the expert outputs summed over tensor where they are);
+    - fsdp: each layer's weights all-gathered where used (the block the model axes leave);
+    - pp: a device runs its stage's L/P layers once over its batch and sends its activations to
+      the next stage once; the schedule's idle iterations, which still send, are the bubble's
+      (x (M + P - 1) / M in the compiled program), not counted here.
+
+    One exception is XLA's, kept because the one-sum region cannot take it: under FSDP, expert
+    outputs split by width are all-reduced as [E, G, C, D] before the combine (moe.py)."""
     ar, a2a = volumes.all_reduce, volumes.all_to_all
     act = volumes.activation_bytes(cfg) / c.batch_split  # a [B, S, D] of one batch group
     slots = volumes.slots_bytes(cfg) / (c["dp"] * c["fsdp"])  # [E, G, C, D] of an ep group
     tp, ep, h, d = c["tp"], c["ep"], c["heads"], c["dims"]
     if h > 1:
+        # q, k, v to whole head vectors and the output back: four all-to-alls over dims; the
+        # output projection, the MLP and the experts each sum their partial outputs over all
+        # h x d devices in one all-reduce
         heads_act = cfg.tokens * cfg.n_heads * cfg.head_dim * cfg.compute_dtype.itemsize
-        attention = 4 * a2a(heads_act / c.batch_split / h, d) + ar(act, d) + ar(act, h)
-        mlp, experts = ar(act, h * d), ar(slots / h, d) + ar(act, h)
+        attention = 4 * a2a(heads_act / c.batch_split / h, d) + ar(act, h * d)
+        mlp = experts = ar(act, h * d)
     else:
         attention = mlp = ar(act, tp)
-        experts = ar(act if c.experts_over_tp else slots / ep, tp) + 2 * a2a(slots, ep)
+        # without ep, each device's experts (or expert width) combine their slots locally and
+        # the tokens' outputs are summed once; with ep, tokens go to the experts' devices and
+        # back, and the expert outputs [E, G, C, D] are summed over tensor where they are
+        local = ep == 1 and c["fsdp"] == 1
+        experts = ar(act if local else slots / ep, tp) + 2 * a2a(slots, ep)
     # FSDP gathers each layer's weights (the block its model axes leave each device) where used
     w, split = volumes.layer_weights(cfg), c.model_split
     gather = {
@@ -162,15 +182,12 @@ def textbook_bytes(c: Composition, cfg: ModelConfig) -> dict[str, float]:
     moe = attention + experts + volumes.all_gather(gather["moe"], c["fsdp"])
     if c["pp"] == 1:
         return {"dense": dense, "moe": moe if cfg.is_moe else 0.0}
-    # a device runs its stage's L/P layers once per iteration on 1/M of its batch, and sends
-    # one micro-batch to the next stage per iteration (spread over the layers)
-    m, stages = cfg.micro_batches, c["pp"]
-    iterations = m + stages - 1
-    share = iterations / (m * stages)
-    shift = iterations * (act / m) / cfg.n_layers
+    # a device runs its stage's L/P layers over its batch and sends it on once (spread over the
+    # layers); the compiled schedule runs M + P - 1 iterations of 1/M of the batch
+    stages, shift = c["pp"], act / cfg.n_layers
     return {
-        "dense": share * dense + shift,
-        "moe": share * moe + shift if cfg.is_moe else 0.0,
+        "dense": dense / stages + shift,
+        "moe": moe / stages + shift if cfg.is_moe else 0.0,
     }
 
 
@@ -199,7 +216,7 @@ def compose(c: Composition, name: str | None = None, description: str | None = N
         rules=rules,
         param_rules=params,
         description=description or _describe(c),
-        textbook_bytes=lambda cfg: textbook_bytes(c, cfg),
+        minimum_bytes=lambda cfg: minimum_bytes(c, cfg),
         extra_checks=_checks(c),
         **(
             {

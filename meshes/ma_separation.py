@@ -81,7 +81,7 @@ def separation(
             Axis.VOCAB: heads,
         },
         description=f"{replicas} replica groups x {group} devices splitting heads",
-        textbook_bytes=lambda cfg: _attention_bytes(cfg, replicas, group),
+        minimum_bytes=lambda cfg: _attention_bytes(cfg, replicas, group),
     )
     expert = Strategy(
         name=f"{NAME}/experts",
@@ -92,7 +92,7 @@ def separation(
             Axis.EXPERT: (MeshAxis.EXPERT,),
         },
         description=f"expert parallel {experts}",
-        textbook_bytes=lambda cfg: _expert_bytes(cfg, experts),
+        minimum_bytes=lambda cfg: _expert_bytes(cfg, experts),
     )
     name = f"{NAME}:{attention}+{experts}/{replicas}"
     if (attention, experts, replicas) == (ATTENTION, EXPERTS, REPLICAS):

@@ -52,7 +52,14 @@ def gpipe(stage_axis: str) -> Callable:
     and its cache rows are split as the layout splits the batch, so picking one moves nothing."""
 
     def run(
-        step: Callable, x: jax.Array, per_block: Any, cache: Any, mesh: Mesh, cfg: ModelConfig
+        step: Callable,
+        x: jax.Array,
+        per_block: Any,
+        cache: Any,
+        mesh: Mesh,
+        cfg: ModelConfig,
+        *,
+        last_only: bool = False,
     ) -> tuple[jax.Array, Any, Any]:
         stages = mesh.shape[stage_axis]
         m = cfg.micro_batches
@@ -116,22 +123,26 @@ def gpipe(stage_axis: str) -> Callable:
             # every stage files its result under the micro-batch the last stage just finished;
             # only the last stage's row is read, once, after the loop (no traffic per iteration)
             done = jnp.maximum(t - (stages - 1), 0)
-            outputs = constrain(outputs.at[:, done].set(out), (Axis.LAYERS, None, *RESIDUAL))
+            kept = out[:, :, -1:] if last_only else out
+            outputs = constrain(outputs.at[:, done].set(kept), (Axis.LAYERS, None, *RESIDUAL))
             with jax.named_scope("pipeline_shift"):
                 state = constrain(jnp.roll(out, 1, axis=0), STAGES)
             return (state, outputs, stats, cache), None
 
+        kept_shape = (stages, *micro.shape[:2], 1 if last_only else micro.shape[2], micro.shape[3])
         init = (
             empty,
-            jnp.zeros((stages, *micro.shape), x.dtype),  # [P, M, B/M, S, D]
+            jnp.zeros(kept_shape, x.dtype),  # [P, M, B/M, S, D] (S = 1 with last_only)
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape),
             cache,
         )
         (_, outputs, stats, cache), _ = jax.lax.scan(iteration, init, jnp.arange(m + stages - 1))
         stats = jax.tree.map(lambda a: a.reshape(n_blocks, *a.shape[2:]), stats)
         cache = jax.tree.map(lambda a: a.reshape(n_blocks, -1, *a.shape[4:]), cache)
-        # the last stage's results to every stage: one all-reduce over `stage_axis` (x + 0 = x)
+        # the last stage's results to every stage: one all-reduce over `stage_axis` (x + 0 = x),
+        # of the last position alone where that is all the caller reads (prefill, decode)
         last = (stage_ids == stages - 1).reshape((-1,) + (1,) * micro.ndim)
-        return jnp.sum(jnp.where(last, outputs, 0), axis=0).reshape(x.shape), stats, cache
+        result = jnp.sum(jnp.where(last, outputs, 0), axis=0)  # [M, B/M, S, D]
+        return result.reshape(x.shape[0], *result.shape[2:]), stats, cache
 
     return run

@@ -8,7 +8,9 @@ by vocabulary over `tensor` and replicated over `pipe`. MoE layers have two plac
 - `tp8_pp2`: experts split over `tensor` (paper 000: 16 experts -> 2 per device), tokens
   replicated inside the stage; the combine's partial sums are all-reduced over `tensor`.
 - `tp8_pp2:experts_tp`: every expert on every device of the stage with its hidden width split
-  over `tensor` (paper 003); the expert outputs are all-reduced before the combine.
+  over `tensor` (paper 003); each device combines its width's partial outputs locally and the
+  tokens [tokens, D] are all-reduced over `tensor` once (as the dense MLP's), not the expert
+  outputs [E, G, C, D] (k x capacity_factor times the bytes) before the combine.
 
 Per iteration of the schedule (M + P - 1 of them, bubbles included: an idle stage still runs
 its layers and collectives on an empty micro-batch) each device all-reduces over `tensor` twice

@@ -204,7 +204,7 @@ def _report(strategy: str, nonfinite: int, reference: int) -> LayoutReport:
         logits_scale=None if reference else 1.0,
         inventory=Inventory(()),
         per_layer={},
-        textbook_bytes_per_layer=0.0,
+        minimum_bytes_per_layer=0.0,
         bubble_fraction=0.0,
         param_bytes_per_device=1,
         param_bytes_total=16,

@@ -20,7 +20,7 @@ NAMES = list(meshes.LAYOUTS)
 
 def test_every_layouts_training_step_through_the_interface():
     """One test, so the six training steps are compiled once (on one worker): each reduces
-    gradients and holds Adam's state; the table shows each step against its textbook volume;
+    gradients and holds Adam's state; the table shows each step against its least volume;
     the separated meshes move twice what the forward pass moves."""
     cfg = tiny(micro_batches=2)
     layouts = list(meshes.LAYOUTS.values())
@@ -37,13 +37,13 @@ def test_every_layouts_training_step_through_the_interface():
         assert memory["gradients"] == memory["parameters"] > 0, name
         assert memory["optimizer_state"] >= 2 * memory["parameters"], name  # Adam's moments
         assert memory["total"] >= memory["parameters"] + memory["activations"], name
-        assert r.textbook_bytes_per_layer > 0, name
+        assert r.minimum_bytes_per_layer > 0, name
     # ep16 copies the attention weights on every device, tp16 splits every weight matrix
     assert reports["ep16"].memory["parameters"] > reports["tp16"].memory["parameters"]
 
     text = compare_table(cfg, list(reports.values()))
-    assert "training step" in text and "textbook/layer" in text
-    for name in NAMES:  # each row: its collectives, bytes, textbook, memory by part
+    assert "training step" in text and "minimum/layer" in text
+    for name in NAMES:  # each row: its collectives, bytes, minimum, memory by part
         row = next(line for line in text.splitlines() if line.startswith(f"{name} "))
         assert row.count("iB") >= 7, row
 

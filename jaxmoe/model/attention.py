@@ -24,7 +24,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.model.attention_core import attend
 from jaxmoe.model.params import axes_of, weight
 from jaxmoe.model.rotary import rotate
-from jaxmoe.partial_sums import project
+from jaxmoe.partial_sums import project_once, project_together
 from jaxmoe.sharding import active_layout, constrain
 
 PROJ = (Axis.BATCH, Axis.SEQ, Axis.HEADS, Axis.HEAD_DIM)  # q and o as projected: [B, S, H, K]
@@ -86,16 +86,16 @@ class Attention(nnx.Module):
         `window` > 0 limits each query to the last `window` positions."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         with jax.named_scope("qkv"):
-            q = constrain(
-                project("BSD,DHK->BSHK", x, RESIDUAL, self.wq[...].astype(dt), axes_of(self.wq)),
-                PROJ,
+            q, k, v = project_together(
+                x,
+                RESIDUAL,
+                [
+                    ("BSD,DHK->BSHK", self.wq[...].astype(dt), axes_of(self.wq)),
+                    ("BSD,DJK->BSJK", self.wk[...].astype(dt), axes_of(self.wk)),
+                    ("BSD,DJK->BSJK", self.wv[...].astype(dt), axes_of(self.wv)),
+                ],
             )
-            k, v = (
-                constrain(
-                    project("BSD,DJK->BSJK", x, RESIDUAL, w[...].astype(dt), axes_of(w)), KV_PROJ
-                )
-                for w in (self.wk, self.wv)
-            )
+            q, k, v = constrain(q, PROJ), constrain(k, KV_PROJ), constrain(v, KV_PROJ)
         with jax.named_scope("attention_core"):
             q, k, v = constrain(q, CORE), constrain(k, KV_CORE), constrain(v, KV_CORE)
             if cfg.positions == "rope":
@@ -107,5 +107,6 @@ class Attention(nnx.Module):
             o = constrain(attend(q, *new, q_pos=pos, window=window), CORE)
         with jax.named_scope("out_proj"):
             o = constrain(o, PROJ)
-            y = project("BSHK,HKD->BSD", o, PROJ, self.wo[...].astype(dt), axes_of(self.wo))
+            wo = self.wo[...].astype(dt)
+            y = project_once("BSHK,HKD->BSD", o, PROJ, wo, axes_of(self.wo))
             return constrain(y, RESIDUAL), None if kv is None else new

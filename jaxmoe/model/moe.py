@@ -11,9 +11,13 @@ dropped, as in training.
 
 Dispatch and combine are one-hot einsums. The dispatched tensor [E, G, C, D] is laid out by
 experts and the returning one [G, E, C, D] by groups, so a strategy that maps experts and groups
-to the same mesh axis gets exactly one all-to-all each way. (A strategy that splits the expert
-width instead pays an all-reduce of [E, G, C, D] before the combine: XLA's partitioner does not
-carry partial sums through the combine einsum.)
+to the same mesh axis gets exactly one all-to-all each way. A strategy that keeps the tokens
+where they are and splits the experts or their width over mesh axes (tp, heads x dims, experts
+over tp) runs dispatch, experts and combine on each device's experts and width, all linear
+after the activation, and sums the tokens' outputs [G, S, D] once over those axes
+(`local_then_sum`): Megatron's one all-reduce of the tokens, where XLA's partitioner would
+all-reduce the expert outputs [E, G, C, D] (k x capacity_factor times the tokens' bytes) before
+the combine, over each axis in turn.
 
 Top-k is k rounds of argmax rather than `lax.top_k`: XLA's SPMD partitioner replicates the
 operand of the TopK custom call, while argmax is a reduction it partitions like any other.
@@ -35,8 +39,8 @@ from jaxmoe.axes import Axis
 from jaxmoe.config import ModelConfig
 from jaxmoe.model.mlp import Mlp
 from jaxmoe.model.params import axes_of, weight
-from jaxmoe.partial_sums import project
-from jaxmoe.sharding import constrain
+from jaxmoe.partial_sums import local_then_sum, mesh_axes_of, project
+from jaxmoe.sharding import active_layout, constrain
 
 TOKENS = (Axis.GROUP, None, Axis.EMBED)  # [G, S, D]
 AT_EXPERTS = (Axis.EXPERT, Axis.GROUP, Axis.CAPACITY, Axis.EMBED)  # [E, G, C, D]
@@ -46,6 +50,7 @@ SLOTS_HIDDEN = (Axis.EXPERT, Axis.GROUP, Axis.EXPERT_MLP)  # [E, X, F]
 AT_GROUPS = (Axis.GROUP, Axis.EXPERT, Axis.CAPACITY, Axis.EMBED)  # [G, E, C, D]
 ROUTED = (Axis.GROUP, None, None)  # router logits, probabilities, choices: [G, S, E]
 SLOTS = (Axis.GROUP, None, None, None)  # dispatch and combine masks: [G, S, E, C]
+GATES = (Axis.GROUP, None, Axis.EXPERT)  # each token's gate per expert [G, S, E]
 COMBINE = (
     Axis.GROUP,
     None,
@@ -161,38 +166,55 @@ class Moe(nnx.Module):
         )
         self.cfg = cfg
 
-    def experts(self, x: jax.Array, dropout_key: jax.Array | None, first_group) -> jax.Array:
-        """x: [E, G, C, D] -> [E, G, C, D], each expert applied to its slots.
+    def dropout_mask(self, key: jax.Array | None, first_group, shape) -> jax.Array | None:
+        """Which expert hidden units [E, G, C, F] to keep, or None without expert dropout.
 
-        Expert dropout draws each routing group's mask from the layer's key and the group's index
-        in the whole batch (`first_group` onwards), so a layout that runs the batch in pieces (a
+        Each routing group's mask is drawn from the layer's key and the group's index in the
+        whole batch (`first_group` onwards), so a layout that runs the batch in pieces (a
         pipeline's micro-batches) or splits it over devices drops exactly the same units.
         """
+        cfg = self.cfg
+        if key is None or cfg.expert_dropout <= 0:
+            return None
+        e, g, c, f = shape
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(key, first_group + jnp.arange(g))
+        return jax.vmap(
+            lambda key: jax.random.bernoulli(key, 1.0 - cfg.expert_dropout, (e, c, f)),
+            out_axes=1,
+        )(keys)
+
+    def expert_weights(self) -> tuple[tuple[jax.Array, ...], tuple]:
+        """(w_in, w_gate where gated, w_out) in the compute dtype, and their logical axes."""
+        names = (
+            ("w_in", "w_gate", "w_out") if self.cfg.expert_form == "swiglu" else ("w_in", "w_out")
+        )
+        params = [getattr(self, n) for n in names]
+        dt = self.cfg.compute_dtype
+        return tuple(p[...].astype(dt) for p in params), tuple(axes_of(p) for p in params)
+
+    def experts(self, x: jax.Array, keep, weights, axes, *, local: bool = False) -> jax.Array:
+        """x: [E, G, C, D] -> [E, G, C, D], each expert applied to its slots; `keep`: the
+        dropout mask (or None); `weights`, `axes`: `expert_weights()`. `local`: a device's share
+        in a manual region (no sharding constraints)."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
+        pin = (lambda a, _: a) if local else constrain
         e, g, c, d = x.shape
         # the matmuls see each expert's slots as one dimension ([E, G*C, D], a free reshape): with
         # G and C apart, XLA's CPU backend transposes the hidden activations for the weight
         # gradients, which made the experts' backward pass nearly twice as slow
         x = x.reshape(e, g * c, d)
-        h = project("EXD,EDF->EXF", x, SLOTS_IN, self.w_in[...].astype(dt), axes_of(self.w_in))
+        h = project("EXD,EDF->EXF", x, SLOTS_IN, weights[0], axes[0])
         if cfg.expert_form == "swiglu":
-            w_gate = self.w_gate[...].astype(dt)
-            gate = project("EXD,EDF->EXF", x, SLOTS_IN, w_gate, axes_of(self.w_gate))
+            gate = project("EXD,EDF->EXF", x, SLOTS_IN, weights[1], axes[1])
             h = jax.nn.silu(gate) * h
         else:
             h = jax.nn.gelu(h)
-        h = constrain(h.reshape(e, g, c, -1), HIDDEN)
-        if dropout_key is not None and cfg.expert_dropout > 0:
-            f = h.shape[-1]
-            keys = jax.vmap(jax.random.fold_in, (None, 0))(dropout_key, first_group + jnp.arange(g))
-            keep = jax.vmap(
-                lambda key: jax.random.bernoulli(key, 1.0 - cfg.expert_dropout, (e, c, f)),
-                out_axes=1,
-            )(keys)  # [E, G, C, F]
+        h = pin(h.reshape(e, g, c, -1), HIDDEN)
+        if keep is not None:
             h = jnp.where(keep, h / (1.0 - cfg.expert_dropout), 0).astype(dt)
-        h, w_out = h.reshape(e, g * c, -1), self.w_out[...].astype(dt)
-        y = project("EXF,EFD->EXD", h, SLOTS_HIDDEN, w_out, axes_of(self.w_out))
-        return constrain(y.reshape(e, g, c, d), AT_EXPERTS)  # where the experts are, not G's
+        h = h.reshape(e, g * c, -1)
+        y = project("EXF,EFD->EXD", h, SLOTS_HIDDEN, weights[-1], axes[-1])
+        return pin(y.reshape(e, g, c, d), AT_EXPERTS)  # where the experts are, not G's
 
     def __call__(
         self, x: jax.Array, dropout_key: jax.Array | None = None, first_row=0
@@ -207,20 +229,74 @@ class Moe(nnx.Module):
             logits = project(
                 "GSD,DE->GSE", xg.astype(jnp.float32), TOKENS, router, axes_of(self.router)
             )
-            dispatch, combine, stats = route(
-                constrain(logits, ROUTED), cfg, cfg.capacity_for(group)
-            )
-        with jax.named_scope("dispatch"):
-            # each group's slots where the group is, then to the experts: one all-to-all
-            xe = constrain(jnp.einsum("GSEC,GSD->GECD", dispatch.astype(dt), xg), AT_GROUPS)
-            xe = constrain(jnp.transpose(xe, (1, 0, 2, 3)), AT_EXPERTS)
-        with jax.named_scope("experts"):
-            ye = self.experts(xe, dropout_key, first_row * s // group)
-        with jax.named_scope("combine"):
-            ye = constrain(jnp.transpose(ye, (1, 0, 2, 3)), AT_GROUPS)
-            combine = constrain(combine.astype(dt), COMBINE)
-            y = constrain(jnp.einsum("GECD,GSEC->GSD", ye, combine), TOKENS).reshape(b, s, d)
+            capacity = cfg.capacity_for(group)
+            dispatch, combine, stats = route(constrain(logits, ROUTED), cfg, capacity)
+        hidden = (cfg.n_experts, xg.shape[0], capacity, cfg.expert_hidden)
+        keep = self.dropout_mask(dropout_key, first_row * s // group, hidden)
+        weights, axes = self.expert_weights()
+        slots = (cfg.n_experts, xg.shape[0], capacity, d)
+        summed = _summed_axes(slots, weights, axes)
+        dispatch, combine = dispatch.astype(dt), constrain(combine.astype(dt), COMBINE)
+        if summed:
+            y = self._summed_once(xg, dispatch, combine, keep, weights, axes, summed)
+        else:
+            with jax.named_scope("dispatch"):
+                # each group's slots where the group is, then to the experts: one all-to-all
+                xe = constrain(jnp.einsum("GSEC,GSD->GECD", dispatch, xg), AT_GROUPS)
+                xe = constrain(jnp.transpose(xe, (1, 0, 2, 3)), AT_EXPERTS)
+            with jax.named_scope("experts"):
+                ye = self.experts(xe, keep, weights, axes)
+            with jax.named_scope("combine"):
+                ye = constrain(jnp.transpose(ye, (1, 0, 2, 3)), AT_GROUPS)
+                y = constrain(jnp.einsum("GECD,GSEC->GSD", ye, combine), TOKENS)
+        y = y.reshape(b, s, d)
         if self.shared is not None:
             with jax.named_scope("shared_experts"):
                 y = y + self.shared(x)
         return y, stats
+
+    def _summed_once(self, xg, dispatch, combine, keep, weights, axes, summed) -> jax.Array:
+        """Dispatch, experts and combine on each device's experts and expert width (mesh axes
+        `summed`), the tokens' outputs [G, S, D] then summed once over those axes.
+
+        The combine weights enter as each token's gate per expert [G, S, E] (its slot is the
+        dispatch mask's, which has no gradient), and the tokens and gates are marked as varying
+        where they enter: the backward pass then sums their gradients, [G, S, D] and [G, S, E],
+        not those of the dispatched slots [E, G, C, D] and of the masks [G, S, E, C]."""
+        dropout = keep is not None
+        gates = jnp.sum(combine, axis=-1)  # a choice's one slot holds its gate
+
+        def local(xg, dispatch, gates, *rest):
+            keep, weights = (rest[0], rest[1:]) if dropout else (None, rest)
+            with jax.named_scope("dispatch"):
+                xe = jnp.einsum("GSEC,GSD->EGCD", dispatch, xg)
+            with jax.named_scope("experts"):
+                ye = self.experts(xe, keep, weights, axes, local=True)
+            with jax.named_scope("combine"):
+                return jnp.einsum("EGCD,GSEC->GSD", ye, gates[..., None] * dispatch)
+
+        args = (xg, jax.lax.stop_gradient(dispatch), gates, *([keep] if dropout else []), *weights)
+        args_axes = (TOKENS, COMBINE, GATES, *([HIDDEN] if dropout else []), *axes)
+        out = (TOKENS, xg.shape)
+        y = local_then_sum(local, args, args_axes, out, summed, vary=(0, 2))
+        return constrain(y, TOKENS)
+
+
+def _summed_axes(slots: tuple[int, ...], weights, weight_axes) -> tuple[str, ...]:
+    """The mesh axes over which an MoE layer sums its tokens' outputs once (see the module's
+    docstring): those that split the experts or their width, where the layout keeps tokens
+    where they are (experts split alike in [E, G, C, D] and [G, E, C, D], so no all-to-all) and
+    gathers no parameters; none otherwise. `slots`: the [E, G, C, D] shape."""
+    layout = active_layout()
+    if layout is None or layout[1].gathered_axes:
+        return ()
+    by_groups = slots[1:2] + slots[:1] + slots[2:]
+    experts = mesh_axes_of([AT_EXPERTS], [Axis.EXPERT], [slots])
+    if experts != mesh_axes_of([AT_GROUPS], [Axis.EXPERT], [by_groups]):
+        return ()
+    shapes = [slots, *(w.shape for w in weights)]
+    summed = mesh_axes_of([AT_EXPERTS, *weight_axes], [Axis.EXPERT, Axis.EXPERT_MLP], shapes)
+    # the axes that split the batch route it by all-to-all, not here (a decode step's few
+    # routing groups aside, which stay where they are)
+    batch = mesh_axes_of([TOKENS], [Axis.GROUP], [(len(layout[0].devices.flat), 1, 1)])
+    return () if set(summed) & set(batch) else summed

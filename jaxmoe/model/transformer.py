@@ -202,7 +202,9 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, Cache, jax.Array]:
         """tokens [B, S] at positions pos.. -> (logits of the last one [B, V], updated cache,
         expert choices dropped over capacity on the way)."""
-        x, stats, cache = self._layers(self.embed_tokens(tokens, pos), None, cache, pos)
+        x, stats, cache = self._layers(
+            self.embed_tokens(tokens, pos), None, cache, pos, last_only=True
+        )
         return self.logits(self.final_norm(x[:, -1:]))[:, 0], cache, dropped_choices(stats)
 
     def embed_tokens(self, tokens: jax.Array, pos: jax.Array | int) -> jax.Array:
@@ -213,7 +215,7 @@ class Transformer(nnx.Module):
                 x = x + jax.lax.dynamic_slice_in_dim(self.pos_embed[...], pos, tokens.shape[1])
             return constrain(x.astype(self.cfg.compute_dtype), RESIDUAL)  # [B, S, D]
 
-    def _layers(self, x, dropout_key, cache: Cache | None, pos):
+    def _layers(self, x, dropout_key, cache: Cache | None, pos, *, last_only=False):
         cfg = self.cfg
         first_windows, windows = layer_windows(cfg)
         if self.first is not None:
@@ -227,7 +229,8 @@ class Transformer(nnx.Module):
 
         per_block = (block_state, keys, windows)
         blocks = None if cache is None else cache.blocks
-        x, stats, blocks = run_layers(step, x, per_block, blocks, cfg)  # stats: [L_moe, ...]
+        # stats: [L_moe, ...]
+        x, stats, blocks = run_layers(step, x, per_block, blocks, cfg, last_only=last_only)
         return x, stats, None if cache is None else cache._replace(blocks=blocks)
 
     def _first_layers(self, x, cache: Cache | None, pos, windows):

@@ -4,7 +4,7 @@ Its programs are pieces (embedding, attention, experts, LM head, their gradients
 optimizer update), each compiled for its own mesh on abstract inputs. A phase's collectives are
 its pieces' times the calls one pass makes of each; counts are what one device of the mesh issuing
 them does, bytes are averaged over all the devices (attention devices send the all-reduces,
-expert devices the all-to-alls, both the transfers), as is the textbook volume they are held
+expert devices the all-to-alls, both the transfers), as is the least volume they are held
 against. Transfers between the meshes are those a run moved (`run_forward`) or, compiled only,
 what the layout moves by construction: each token's state once each way per MoE layer, then
 copied on inside its replica group.
@@ -23,7 +23,7 @@ from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.explain import collectives_by_place, named, parameters
 from jaxmoe.inference import Decoder
-from jaxmoe.layout import Phase, ProgramCost, textbook_per_layer
+from jaxmoe.layout import Phase, ProgramCost, minimum_per_layer
 from jaxmoe.placement import abstract_model, init_params, param_bytes_total, shard_bytes
 from jaxmoe.separation import cost
 from jaxmoe.separation.layout import Separation
@@ -101,12 +101,13 @@ class SeparatedRun:
             "attention": shard_bytes((params.outer, params.attention)),
             "experts": shard_bytes(params.experts),
         }
-        textbook = sep.transfer_bytes(cfg) * 2 * passes * cfg.n_moe_layers / cfg.n_layers
-        volume = textbook_per_layer(cfg, sep)
+        tokens = cfg.batch * (1 if phase == "decode" else cfg.seq_len)
+        least = sep.transfer_bytes(cfg, tokens) * 2 * passes * cfg.n_moe_layers / cfg.n_layers
+        sync = 0.0
         if train:
             sync = a * gradient_sync_bytes((params.outer, params.attention))
-            sync += x * gradient_sync_bytes(params.experts)
-            volume = 2 * volume + sync / (a + x) / cfg.n_layers
+            sync = (sync + x * gradient_sync_bytes(params.experts)) / (a + x)
+        volume = minimum_per_layer(cfg, sep, phase, sync)
         memory = cost.memory(run, pieces, phase, optimizer)
         details = {
             "separation": {
@@ -121,8 +122,8 @@ class SeparatedRun:
                 },
                 "moved_per_layer": moved,
                 "transfer_bytes_per_layer": crossing,
-                "transfer_textbook_bytes_per_layer": textbook,
-                "transfer_vs_textbook": crossing / textbook if textbook else None,
+                "transfer_minimum_bytes_per_layer": least,
+                "transfer_vs_minimum": crossing / least if least else None,
                 "param_bytes_per_device_by_mesh": held,
                 "memory_per_device_by_mesh": memory.to_json(),
             }
@@ -134,7 +135,7 @@ class SeparatedRun:
             phase=phase,
             inventory=Inventory(tuple(collectives)),
             per_layer=per_layer,
-            textbook_bytes_per_layer=volume,
+            minimum_bytes_per_layer=volume,
             bubble_fraction=0.0,
             param_bytes_per_device=max(held.values()),
             param_bytes_total=param_bytes_total(abstract_model(cfg)[1]),

@@ -151,13 +151,13 @@ class Separation:
             return tokens * (cfg.d_model + 4)
         return tokens * cfg.d_model * cfg.compute_dtype.itemsize
 
-    def textbook_bytes(self, cfg: ModelConfig) -> dict[str, float]:
+    def minimum_bytes(self, cfg: ModelConfig) -> dict[str, float]:
         """Bytes one device sends per layer, averaged over all the devices: the attention
         mesh's and the expert mesh's collectives (their strategies' formulas) and, in an MoE
         layer, the experts' input and output crossing between the meshes once each, and the
         output then reaching the other devices of each replica group (an all-gather's volume)."""
         a, x = self.attention.n_devices, self.experts.n_devices
-        attention, experts = self.attention.textbook_bytes(cfg), self.experts.textbook_bytes(cfg)
+        attention, experts = self.attention.minimum_bytes(cfg), self.experts.minimum_bytes(cfg)
         fanout = (self.group_size - 1) * self.transfer_bytes(cfg)  # copies and gathers
         crossing = {"dense": 0.0, "moe": 2 * self.transfer_bytes(cfg) + fanout}
         return {
