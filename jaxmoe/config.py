@@ -165,14 +165,17 @@ class Architecture:
 class Workload:
     """What a model is run on: `batch` sequences of `seq_len` tokens, `micro_batches` (a
     pipeline's, ma_separation's ping-pong), `loss_chunk_tokens` (tokens per chunk of the fused
-    LM head in the training loss) and `decode_group_size` (tokens routed together in a decode
-    step: see `ModelConfig.decode_group`)."""
+    LM head in the training loss), `decode_group_size` (tokens routed together in a decode
+    step: see `ModelConfig.decode_group`) and `moe_chunks` (a layer whose tokens go to the
+    experts by all-to-all sends each expert's capacity slots in this many chunks, so one
+    chunk's all-to-alls can run while the experts compute another; at most the capacity)."""
 
     batch: int = 16
     seq_len: int = 64
     micro_batches: int = 4
     loss_chunk_tokens: int = 512
     decode_group_size: int = 0  # 0 = a micro-batch's new tokens
+    moe_chunks: int = 1  # an all-to-all MoE layer's slots in this many chunks, to overlap
 
     def __post_init__(self) -> None:
         check_finite(self)

@@ -34,6 +34,7 @@ from jaxmoe.sharding import check_divisible
         ({"expert_dropout": 1.0}, "expert_dropout"),
         ({"seq_len": 1}, "seq_len"),
         ({"decode_group_size": -1}, "decode_group_size"),
+        ({"moe_chunks": 0}, "moe_chunks"),
     ],
 )
 def test_invalid_fields_are_named(changes, field):

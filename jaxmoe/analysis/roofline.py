@@ -10,7 +10,9 @@ Three times per device, each a floor on what the hardware can do:
   groups) at the bandwidth of the links its group spans.
 
 Fully overlapped, a step takes at least the largest of the three; with communication exposed,
-at least compute-or-memory plus communication. Neither accounts for the pipeline bubble
+at least compute-or-memory plus communication, less what an MoE layer's independent chunks can
+hide (`analysis.dependence`: with c chunks only the first dispatch and the last combine need
+wait, 1/c of the all-to-alls' time). Neither accounts for the pipeline bubble
 separately: a pipelined program's devices run every iteration (the bubble's too), so its FLOPs
 already carry it.
 """
@@ -22,6 +24,7 @@ from collections import Counter
 from typing import Any
 
 from jaxmoe.analysis.collectives import inventory
+from jaxmoe.analysis.dependence import overlap_chunks
 from jaxmoe.analysis.flops import matmul_flops
 from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.analysis.memory import memory_per_device
@@ -37,14 +40,22 @@ class Bound:
     flops: float  # per device
     hbm_bytes: float  # per device, moved at least once
     comm_by: dict[str, float]  # seconds per collective kind and mesh axes, e.g. "all-to-all@expert"
+    overlap_chunks: int = 1  # independent chunks of an MoE layer's all-to-alls
 
     @property
     def overlapped_s(self) -> float:
         return max(self.compute_s, self.memory_s, self.comm_s)
 
     @property
+    def hidden_s(self) -> float:
+        """All-to-all time that chunks of an MoE layer hide behind one another's work."""
+        a2a = sum(s for key, s in self.comm_by.items() if key.startswith("all-to-all"))
+        return a2a * (1 - 1 / self.overlap_chunks)
+
+    @property
     def serial_s(self) -> float:
-        return max(self.compute_s, self.memory_s) + self.comm_s
+        exposed = max(self.compute_s, self.memory_s) + self.comm_s - self.hidden_s
+        return max(exposed, self.overlapped_s)
 
     @property
     def limit(self) -> str:
@@ -62,6 +73,8 @@ class Bound:
             "comm_s": self.comm_s,
             "overlapped_s": self.overlapped_s,
             "serial_s": self.serial_s,
+            "overlap_chunks": self.overlap_chunks,
+            "hidden_s": self.hidden_s,
             "limit": self.limit,
             "flops_per_device": self.flops,
             "hbm_bytes_per_device": self.hbm_bytes,
@@ -69,9 +82,12 @@ class Bound:
         }
 
 
-def bound(flops: float, hbm_bytes: float, collectives, hw: Hardware, dtype: str) -> Bound:
+def bound(
+    flops: float, hbm_bytes: float, collectives, hw: Hardware, dtype: str, chunks: int = 1
+) -> Bound:
     """The bound of per-device work `flops` and `hbm_bytes` plus these collectives (each with
-    its executions per call) on `hw`, computing in `dtype`."""
+    its executions per call) on `hw`, computing in `dtype`; `chunks`: independent chunks of an
+    MoE layer's all-to-alls."""
     comm: Counter[str] = Counter()
     for c in collectives:
         key = f"{c.kind}@{'x'.join(c.axes) if c.axes else 'devices'}"
@@ -83,6 +99,7 @@ def bound(flops: float, hbm_bytes: float, collectives, hw: Hardware, dtype: str)
         flops=flops,
         hbm_bytes=hbm_bytes,
         comm_by=dict(comm),
+        overlap_chunks=chunks,
     )
 
 
@@ -99,4 +116,4 @@ def program_bound(
         dataclasses.replace(c, groups=tuple(tuple(d + first_device for d in g) for g in c.groups))
         for c in inventory(text, axis_sizes).collectives
     ]
-    return bound(matmul_flops(text), compulsory, collectives, hw, dtype)
+    return bound(matmul_flops(text), compulsory, collectives, hw, dtype, overlap_chunks(text))

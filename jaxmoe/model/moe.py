@@ -240,20 +240,34 @@ class Moe(nnx.Module):
         if summed:
             y = self._summed_once(xg, dispatch, combine, keep, weights, axes, summed)
         else:
-            with jax.named_scope("dispatch"):
-                # each group's slots where the group is, then to the experts: one all-to-all
-                xe = constrain(jnp.einsum("GSEC,GSD->GECD", dispatch, xg), AT_GROUPS)
-                xe = constrain(jnp.transpose(xe, (1, 0, 2, 3)), AT_EXPERTS)
-            with jax.named_scope("experts"):
-                ye = self.experts(xe, keep, weights, axes)
-            with jax.named_scope("combine"):
-                ye = constrain(jnp.transpose(ye, (1, 0, 2, 3)), AT_GROUPS)
-                y = constrain(jnp.einsum("GECD,GSEC->GSD", ye, combine), TOKENS)
+            chunks = min(cfg.moe_chunks, capacity)
+            picks = [slice(i, None, chunks) for i in range(chunks)] if chunks > 1 else [slice(None)]
+            parts = [self._routed(xg, dispatch, combine, keep, weights, axes, p) for p in picks]
+            y = constrain(sum(parts[1:], parts[0]), TOKENS)
         y = y.reshape(b, s, d)
         if self.shared is not None:
             with jax.named_scope("shared_experts"):
                 y = y + self.shared(x)
         return y, stats
+
+    def _routed(self, xg, dispatch, combine, keep, weights, axes, slots: slice) -> jax.Array:
+        """The tokens' outputs [G, S, D] from the capacity slots `slots` picks of every expert
+        in every group: to the experts by one all-to-all, back by another. A layer's chunks
+        (`moe_chunks`: slots c, c + chunks, ... for each c, so each chunk has its share of the
+        first choices) share no data until their outputs are added, so one chunk's all-to-alls
+        can run while the experts compute another (the papers' asynchronous routing)."""
+        if slots != slice(None):
+            dispatch, combine = dispatch[..., slots], combine[..., slots]
+            keep = None if keep is None else keep[:, :, slots]
+        with jax.named_scope("dispatch"):
+            # each group's slots where the group is, then to the experts: one all-to-all
+            xe = constrain(jnp.einsum("GSEC,GSD->GECD", dispatch, xg), AT_GROUPS)
+            xe = constrain(jnp.transpose(xe, (1, 0, 2, 3)), AT_EXPERTS)
+        with jax.named_scope("experts"):
+            ye = self.experts(xe, keep, weights, axes)
+        with jax.named_scope("combine"):
+            ye = constrain(jnp.transpose(ye, (1, 0, 2, 3)), AT_GROUPS)
+            return constrain(jnp.einsum("GECD,GSEC->GSD", ye, combine), TOKENS)
 
     def _summed_once(self, xg, dispatch, combine, keep, weights, axes, summed) -> jax.Array:
         """Dispatch, experts and combine on each device's experts and expert width (mesh axes
