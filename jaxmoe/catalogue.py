@@ -5,9 +5,10 @@ jaxmoe never imports the packages that define layouts (`meshes`) or the papers' 
 (pyproject.toml), in the groups `jaxmoe.layouts` and `jaxmoe.experiments`, and are loaded here on
 first use. Any installed package can add its own the same way.
 
-A layouts provider is a module with `LAYOUTS` (name -> layout), `candidates(n_devices)` (the
-names `plan` considers on that many devices) and `get(name, transfer_bits=0)` (a layout by name,
-including parametrised names like `ma_separation:8+8` or `dp2_ep8`; ConfigError for an unknown
+A layouts provider is a module with `LAYOUTS` (name -> layout), `candidates(n_devices,
+per_node)` (the names `plan` considers on that many devices, in nodes of `per_node`) and
+`get(name, transfer_bits=0)` (a layout by name, including parametrised names like
+`ma_separation:8+8` or `dp2_ep8`; ConfigError for an unknown
 one). An experiments provider is a
 module with `EXPERIMENTS` (name -> `jaxmoe.experiment.Experiment`).
 """
@@ -44,9 +45,9 @@ def layouts() -> dict:
     return {name: s for p in _providers(LAYOUTS_GROUP) for name, s in p.LAYOUTS.items()}
 
 
-def candidates(n_devices: int) -> list[str]:
-    """The layout names `plan` considers on `n_devices` by default."""
-    return [name for p in _providers(LAYOUTS_GROUP) for name in p.candidates(n_devices)]
+def candidates(n_devices: int, per_node: int | None = None) -> list[str]:
+    """The layout names `plan` considers on `n_devices` (nodes of `per_node`) by default."""
+    return [name for p in _providers(LAYOUTS_GROUP) for name in p.candidates(n_devices, per_node)]
 
 
 def layout(name: str, transfer_bits: int = 0):

@@ -2,7 +2,8 @@
 by the hardware's bound.
 
 The candidates (by default every composition of parallelism axes whose sizes multiply to the
-device count, the registered layouts of that count and ma_separation's splits) are checked
+device count, the registered layouts of that count, each in the device orders that put
+different axes inside a node of the hardware, and ma_separation's splits) are checked
 against the model (a layout that cannot split it is listed with the reason), estimated from
 their rule tables (`jaxmoe.estimate`: nothing compiled), and compiled on abstract inputs (no
 weights allocated, nothing run) best estimate first, per phase, until `compile_top` of them fit
@@ -98,6 +99,14 @@ class Plan:
     def ranking(self, phase: str) -> list[PlanRow]:
         return sorted((r for r in self.rows if r.phase == phase), key=lambda r: r.rank)
 
+    def device_orders(self, phase: str) -> list[tuple[str, tuple[str, ...]]]:
+        """Per layout compiled in several device orders (`name@...`) in `phase`: the order that
+        ranked best and the others, best first."""
+        by_layout: dict[str, list[str]] = {}
+        for row in self.ranking(phase):
+            by_layout.setdefault(row.strategy.split("@")[0], []).append(row.strategy)
+        return [(names[0], tuple(names[1:])) for names in by_layout.values() if len(names) > 1]
+
     def table(self, top: int | None = None) -> str:
         return report.plan_table(self, PREFILL_BATCH, top)
 
@@ -110,6 +119,12 @@ class Plan:
             "compiled": self.compiled,
             "rows": [r.to_json() for r in self.rows],
             "ranking": {p: [r.strategy for r in self.ranking(p)] for p in PHASES},
+            "device_orders": {
+                p: [
+                    {"best": best, "others": list(others)} for best, others in self.device_orders(p)
+                ]
+                for p in PHASES
+            },
             "cannot_split": self.cannot_split,
             "pruned": self.pruned,
             "cannot_rank": self.cannot_rank,
@@ -143,7 +158,7 @@ def plan(
         raise ConfigError(
             f"phases {', '.join(phases) or '(none)'}: choose among {', '.join(PHASES)}"
         )
-    names = catalogue.candidates(n) if names is None else list(names)
+    names = catalogue.candidates(n, hw.per_node) if names is None else list(names)
     layouts = [catalogue.layout(name) for name in names]  # unknown names fail before compiling
     runnable, skipped = [], {}
     for layout in layouts:

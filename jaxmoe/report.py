@@ -410,7 +410,8 @@ def _floor(row) -> str:
 
 def plan_table(plan, prefill_batch: int, top: int | None = None) -> str:
     """`jaxmoe.plan.Plan` as the command prints it: what the search did, each phase's ranking
-    (its `top` rows), then who cannot run."""
+    (its `top` rows) and which device order won where several were compiled (`name@a-b`: mesh
+    axes laid outermost first as a, b, so b's groups are neighbours), then who cannot run."""
     cfg, hw = plan.config, plan.hardware
     pruned = sum(len(p) for p in plan.pruned.values())
     parts = [
@@ -444,6 +445,8 @@ def plan_table(plan, prefill_batch: int, top: int | None = None) -> str:
         batch = min(cfg.batch, prefill_batch) if phase == "prefill" else cfg.batch
         name = "training step" if phase == "train" else phase
         parts.append(f"{name} (B {batch}, {units[phase]}):\n\n{table(headers, body)}")
+        for best, others in plan.device_orders(phase):
+            parts.append(f"device order for {name}: {best} ranks above {', '.join(others)}")
         unranked: dict[str, list[str]] = {}  # why -> the layouts it holds for
         for layout, reason in plan.cannot_rank[phase].items():
             base = layout.split(" (")[0]  # a variant's name: the layout's and what it changes

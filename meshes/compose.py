@@ -20,7 +20,10 @@ traffic it needs:
          experts over `heads` with their width over `dims` (papers 002 and 004).
 
 Mesh axes run outermost first as pipe, data, fsdp, expert, heads, dims, tensor, so tensor
-parallel groups are neighbours (one node) and pipeline stages the farthest apart.
+parallel groups are neighbours (one node) and pipeline stages the farthest apart. A name may end
+in `@` and its axes outermost first (`heads4_dims4@dims-heads`: heads innermost) to lay them over
+the devices in another order; `orders` gives the orders that put different axes inside a node,
+which `plan` tries.
 """
 
 from __future__ import annotations
@@ -57,13 +60,21 @@ class Composition:
 
     sizes: dict[str, int]
     experts_over_tp: bool = False
+    order: tuple[str, ...] = ()  # the axes' tokens outermost first; () = AXES's order
 
     def __getitem__(self, token: str) -> int:
         return self.sizes.get(token, 1)
 
     @property
+    def axes_order(self) -> tuple[str, ...]:
+        """The tokens of the axes of size > 1, outermost first."""
+        return self.order or tuple(t for t in AXES if self[t] > 1)
+
+    @property
     def name(self) -> str:
-        return "_".join(f"{t}{self[t]}" for t in NAME_ORDER if self[t] > 1) or "dp1"
+        name = "_".join(f"{t}{self[t]}" for t in NAME_ORDER if self[t] > 1) or "dp1"
+        default = tuple(t for t in AXES if self[t] > 1)
+        return name if self.axes_order == default else f"{name}@{'-'.join(self.axes_order)}"
 
     @property
     def n_devices(self) -> int:
@@ -82,11 +93,25 @@ class Composition:
 
 def looks_composed(name: str) -> bool:
     """Whether the name is written as axes with sizes (known or not)."""
-    return all(_TOKEN.fullmatch(token) for token in name.split("_"))  # `a:b` is not
+    return all(_TOKEN.fullmatch(token) for token in name.split("@")[0].split("_"))  # not `a:b`
 
 
 def parse(name: str) -> Composition:
     """A composition from its name, or a one-line ConfigError naming the fix."""
+    name, _, order = name.partition("@")
+    c = _parse_sizes(name)
+    if not order:
+        return c
+    tokens = tuple(order.split("-"))
+    if sorted(tokens) != sorted(c.axes_order):
+        raise ConfigError(
+            f"layout {name}@{order}: the order must name each of its axes {', '.join(c.axes_order)}"
+            f" once, outermost first, e.g. {name}@{'-'.join(reversed(c.axes_order))}"
+        )
+    return dataclasses.replace(c, order=tokens)
+
+
+def _parse_sizes(name: str) -> Composition:
     sizes: dict[str, int] = {}
     for token in name.split("_"):
         match = _TOKEN.fullmatch(token)
@@ -212,7 +237,7 @@ def compose(c: Composition, name: str | None = None, description: str | None = N
     pp = c["pp"]
     return Strategy(
         name=name or c.name,
-        mesh_shape=tuple((AXES[t], c[t]) for t in AXES if c[t] > 1) or ((MeshAxis.DATA, 1),),
+        mesh_shape=tuple((AXES[t], c[t]) for t in c.axes_order) or ((MeshAxis.DATA, 1),),
         rules=rules,
         param_rules=params,
         description=description or _describe(c),
@@ -254,6 +279,27 @@ def compositions(n_devices: int) -> list[Composition]:
             c = Composition({t: s for t, s in zip(tokens, sizes, strict=True) if s > 1})
             if ("heads" in c.sizes) == ("dims" in c.sizes):
                 found.setdefault(c.name, c)
+    return list(found.values())
+
+
+def orders(c: Composition, per_node: int) -> list[Composition]:
+    """The composition in each device order that puts a different set of its axes wholly inside
+    a node of `per_node` devices: AXES's order first, then each axis moved innermost (the axis
+    whose traffic should stay on NVLink). One order when the composition fits in a node."""
+    if c.n_devices <= per_node:
+        return [c]
+    default = c.axes_order
+    found: dict[frozenset[str], Composition] = {}
+    for inner in (None, *default):
+        order = default if inner is None else (*[t for t in default if t != inner], inner)
+        inside, span = set(), 1
+        for token in reversed(order):
+            span *= c[token]
+            if span > per_node:
+                break
+            inside.add(token)
+        option = dataclasses.replace(c, order=() if order == default else order)
+        found.setdefault(frozenset(inside), option)
     return list(found.values())
 
 

@@ -23,8 +23,9 @@ device of a stage holds it; sending 1/8 per device and all-gathering over `tenso
 
 from meshes import compose
 
+COMPOSITION = compose.Composition({"tp": 8, "pp": 2}, experts_over_tp=True)
 STRATEGY = compose.compose(
-    compose.Composition({"tp": 8, "pp": 2}, experts_over_tp=True),
+    COMPOSITION,
     name="tp8_pp2",
     description="tensor parallel 8 x pipeline parallel 2 (GPipe); experts split over tensor",
 )
