@@ -445,8 +445,11 @@ def plan_table(plan, prefill_batch: int, top: int | None = None) -> str:
         batch = min(cfg.batch, prefill_batch) if phase == "prefill" else cfg.batch
         name = "training step" if phase == "train" else phase
         parts.append(f"{name} (B {batch}, {units[phase]}):\n\n{table(headers, body)}")
+        seconds = {r.strategy: r.seconds for r in plan.ranking(phase)}
         for best, others in plan.device_orders(phase):
-            parts.append(f"device order for {name}: {best} ranks above {', '.join(others)}")
+            tied = [o for o in others if seconds[o] <= seconds[best] * (1 + 1e-3)]
+            how = f"ties with {', '.join(tied)}" if tied else f"ranks above {', '.join(others)}"
+            parts.append(f"device order for {name}: {best} {how}")
         unranked: dict[str, list[str]] = {}  # why -> the layouts it holds for
         for layout, reason in plan.cannot_rank[phase].items():
             base = layout.split(" (")[0]  # a variant's name: the layout's and what it changes
