@@ -246,8 +246,8 @@ class ModelConfig(Workload, Architecture):
         work is k x capacity_factor / E of a dense pass, not a slot per expert per token. The
         size depends on the config alone, so every layout routes (and drops) exactly as one
         device does."""
-        rows = self.batch // self.micro_batches if self.batch % self.micro_batches == 0 else 0
-        rows = rows or self.batch
+        divides = self.batch % self.micro_batches == 0
+        rows = self.batch // self.micro_batches if divides else self.batch
         return math.gcd(self.decode_group_size, rows) if self.decode_group_size else rows
 
     def replace(self, **changes) -> "ModelConfig":

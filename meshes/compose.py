@@ -66,15 +66,20 @@ class Composition:
         return self.sizes.get(token, 1)
 
     @property
+    def default_order(self) -> tuple[str, ...]:
+        """The tokens of the axes of size > 1 in AXES's order, outermost first."""
+        return tuple(t for t in AXES if self[t] > 1)
+
+    @property
     def axes_order(self) -> tuple[str, ...]:
         """The tokens of the axes of size > 1, outermost first."""
-        return self.order or tuple(t for t in AXES if self[t] > 1)
+        return self.order or self.default_order
 
     @property
     def name(self) -> str:
         name = "_".join(f"{t}{self[t]}" for t in NAME_ORDER if self[t] > 1) or "dp1"
-        default = tuple(t for t in AXES if self[t] > 1)
-        return name if self.axes_order == default else f"{name}@{'-'.join(self.axes_order)}"
+        order = self.axes_order
+        return name if order == self.default_order else f"{name}@{'-'.join(order)}"
 
     @property
     def n_devices(self) -> int:
@@ -288,7 +293,7 @@ def orders(c: Composition, per_node: int) -> list[Composition]:
     whose traffic should stay on NVLink). One order when the composition fits in a node."""
     if c.n_devices <= per_node:
         return [c]
-    default = c.axes_order
+    default = c.default_order
     found: dict[frozenset[str], Composition] = {}
     for inner in (None, *default):
         order = default if inner is None else (*[t for t in default if t != inner], inner)

@@ -58,6 +58,18 @@ def test_cached_steps_reproduce_the_full_forward_pass(moe):
     np.testing.assert_array_equal(full[:, PROMPT - 1 : -1].argmax(-1), tokens)
 
 
+def compiled_step(dec, p) -> jax.stages.Compiled:
+    """The decode step laid out by placement `p`, compiled on abstract parameters and cache."""
+    cache = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(dec.new_cache),
+        cache_sharding(p),
+    )
+    token = jax.ShapeDtypeStruct((dec.cfg.batch, 1), jnp.int32, sharding=p.token_sharding)
+    pos = jax.ShapeDtypeStruct((), jnp.int32)
+    return dec.step.lower(p.abstract_params(), token, cache, pos).compile()
+
+
 def expert_slots(hlo: str, cfg, placement) -> int:
     """Token slots each expert takes in a decode step on one device, read from the compiled
     program: the elements of the experts' first matmul ([E, X, F] however XLA views it) over the
@@ -86,14 +98,7 @@ def test_every_strategy_generates_the_same_tokens(strategy):
     np.testing.assert_array_equal(got.tokens, want.tokens)
     assert got.dropped_choices == want.dropped_choices
 
-    cache = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        jax.eval_shape(dec.new_cache),
-        cache_sharding(p),
-    )
-    token = jax.ShapeDtypeStruct((cfg.batch, 1), jnp.int32, sharding=p.token_sharding)
-    pos = jax.ShapeDtypeStruct((), jnp.int32)
-    hlo = dec.step.lower(p.abstract_params(), token, cache, pos).compile().as_text()
+    hlo = compiled_step(dec, p).as_text()
     groups, per_group = cfg.batch // cfg.decode_group, cfg.capacity_for(cfg.decode_group)
     assert per_group == math.ceil(
         cfg.top_k * cfg.decode_group * cfg.capacity_factor / cfg.n_experts
@@ -107,14 +112,7 @@ def test_pipeline_decode_keeps_each_stages_cache_on_that_stage():
     strategy = tp8_pp2.STRATEGY
     p = placed(cfg, strategy)
     dec = decoder(cfg, p.graphdef, p)
-    cache = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        jax.eval_shape(dec.new_cache),
-        cache_sharding(p),
-    )
-    token = jax.ShapeDtypeStruct((cfg.batch, 1), jnp.int32, sharding=p.token_sharding)
-    pos = jax.ShapeDtypeStruct((), jnp.int32)
-    compiled = dec.step.lower(p.abstract_params(), token, cache, pos).compile()
+    compiled = compiled_step(dec, p)
     for sharding in jax.tree.leaves(compiled.input_shardings[0][2]):
         blocks, heads = sharding.spec[0], sharding.spec[3]  # [N, B, T, H, K]
         assert (blocks, heads) == (MeshAxis.PIPE, MeshAxis.TENSOR), sharding.spec

@@ -13,59 +13,29 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*)$")
-_OPCODE = re.compile(r"\s([a-z][\w-]*)\(")
+from jaxmoe.analysis.collectives import _parse_module
+
 _NAME = re.compile(r"%([\w.\-]+)")
-_ALL_TO_ALL = re.compile(r"\sall-to-all(?:-start)?\(")
-
-
-def _computations(hlo: str) -> dict[str, list[str]]:
-    """Each computation's instruction lines, by its name."""
-    found: dict[str, list[str]] = {}
-    current = None
-    for line in hlo.splitlines():
-        if match := _COMPUTATION.match(line):
-            current = found.setdefault(match[1], [])
-        elif line.startswith("}"):
-            current = None
-        elif current is not None and _INSTRUCTION.match(line):
-            current.append(line)
-    return found
-
-
-def _operands(rest: str) -> list[str]:
-    """The instruction names inside the operand list that follows the opcode."""
-    opcode = _OPCODE.search(rest)
-    if not opcode:
-        return []
-    args, depth, end = rest[opcode.end() :], 1, 0
-    while end < len(args) and depth:
-        depth += {"(": 1, ")": -1}.get(args[end], 0)
-        end += 1
-    return _NAME.findall(args[:end])
+_ALL_TO_ALL = ("all-to-all", "all-to-all-start")
 
 
 def overlap_chunks(hlo: str) -> int:
     """The most dispatch all-to-alls of one MoE layer that do not depend on one another (1 for
     a program without them)."""
-    computations = _computations(hlo)
-    body = next(
-        (lines for lines in computations.values() if any(_ALL_TO_ALL.search(x) for x in lines)),
-        None,
-    )
+    computations = _parse_module(hlo).computations.values()
+    body = next((c for c in computations if any(i.opcode in _ALL_TO_ALL for i in c)), None)
     if body is None:
         return 1
     # the dispatch all-to-alls each instruction depends on (the body lists operands first)
     before: dict[str, frozenset[str]] = {}
     counts: Counter[int] = Counter()
-    for line in body:
-        name, rest = _INSTRUCTION.match(line).groups()
+    for instr in body:
         found: set[str] = set()
-        for operand in _operands(rest):
-            found |= before.get(operand, frozenset())
-        if _ALL_TO_ALL.search(" " + rest) and "/dispatch/" in rest:
+        for operand in instr.operands:
+            for name in _NAME.findall(operand):
+                found |= before.get(name, frozenset())
+        if instr.opcode in _ALL_TO_ALL and "/dispatch/" in instr.attrs:
             counts[len(found)] += 1  # a layer's dispatches follow as many of earlier layers
-            found.add(name)
-        before[name] = frozenset(found)
+            found.add(instr.name)
+        before[instr.name] = frozenset(found)
     return max(counts.values(), default=1)

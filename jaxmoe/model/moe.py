@@ -312,5 +312,5 @@ def _summed_axes(slots: tuple[int, ...], weights, weight_axes) -> tuple[str, ...
     summed = mesh_axes_of([AT_EXPERTS, *weight_axes], [Axis.EXPERT, Axis.EXPERT_MLP], shapes)
     # the axes that split the batch route it by all-to-all, not here (a decode step's few
     # routing groups aside, which stay where they are)
-    batch = mesh_axes_of([TOKENS], [Axis.GROUP], [(len(layout[0].devices.flat), 1, 1)])
+    batch = layout[1].rules.get(Axis.GROUP, ())
     return () if set(summed) & set(batch) else summed

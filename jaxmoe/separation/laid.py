@@ -101,8 +101,8 @@ class SeparatedRun:
             "attention": shard_bytes((params.outer, params.attention)),
             "experts": shard_bytes(params.experts),
         }
-        tokens = cfg.batch * (1 if phase == "decode" else cfg.seq_len)
-        least = sep.transfer_bytes(cfg, tokens) * 2 * passes * cfg.n_moe_layers / cfg.n_layers
+        # what the layout moves by construction, against what this call moved
+        least = sum(v for k, v in self._moved(phase).items() if k in INTER_MESH) / cfg.n_layers
         sync = 0.0
         if train:
             sync = a * gradient_sync_bytes((params.outer, params.attention))
