@@ -181,15 +181,23 @@ def partial_sums(
     return jax.lax.with_sharding_constraint(parts, sharding)
 
 
-def sum_parts(parts: jax.Array, out_axes: Logical, split: Split | None) -> jax.Array:
+def sum_parts(
+    parts: jax.Array,
+    out_axes: Logical,
+    split: Split | None,
+    *,
+    param: bool = True,
+    spec: PartitionSpec | None = None,
+) -> jax.Array:
     """Add the partial sums [N, ...] once: a reduce-scatter over the mesh axes that split the
-    parameter with logical axes `out_axes`, an all-reduce over the rest of `split`'s axes.
+    parameter (or, without `param`, the activation) with logical axes `out_axes` (or the
+    result's `spec`, where given), an all-reduce over the rest of `split`'s axes.
 
     The region is manual over every mesh axis: XLA's partitioner replicates the operand of a
     reduce-scatter over the axes it still places itself."""
     if split is None:
         return parts[0]
-    spec = split.strategy.spec(out_axes, param=True, shape=parts.shape[1:])
+    spec = spec or split.strategy.spec(out_axes, param=param, shape=parts.shape[1:])
     held = {a for part in spec for a in part_axes(part)}
 
     def local(p):
@@ -293,3 +301,45 @@ def project_together(
     out_specs = [strategy.spec(axes, shape=shape) for axes, shape in outs]
     weights = [w for _, w, _ in projections]
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(x, *weights)
+
+
+def lookup(table: jax.Array, table_axes: Logical, ids: jax.Array, out_axes: Logical, dtype):
+    """table[ids] in `dtype` ([B, S] ids -> [B, S, D], logical axes `out_axes`) from a table
+    [V, D] whose rows the layout splits (a vocabulary-parallel embedding). Each device looks up
+    the ids its rows hold (zeros for the others) for every token of its batch group, and the
+    partial results are summed once: reduce-scattered over the mesh axes that split both the
+    rows and the batch, all-reduced over the rest (XLA's partitioner all-reduces the whole
+    [B, S, D] and slices it). The backward pass all-gathers the gradient over the first and
+    adds each device's rows locally. A plain take outside such a layout."""
+    layout = active_layout()
+
+    def plain() -> jax.Array:
+        return jnp.take(table, ids, axis=0).astype(dtype)
+
+    if layout is None or layout[1].gathered_axes:
+        return plain()
+    mesh, strategy = layout
+    table_spec = strategy.spec(table_axes, param=True, shape=table.shape)
+    out_shape = (*ids.shape, table.shape[1])
+    out_spec = strategy.spec(out_axes, shape=out_shape)
+    rows = part_axes(table_spec[0])
+    if not rows or table_spec[1] != out_spec[2] or set(rows) & set(part_axes(out_spec[1])):
+        return plain()
+    batch = part_axes(out_spec[0])
+    scattered = tuple(a for a in batch if a in rows)
+    if batch[len(batch) - len(scattered) :] != scattered:  # scattered slices must be innermost
+        return plain()
+    summed = tuple(a for a in rows if a not in scattered)
+    ids_spec = PartitionSpec(tuple(a for a in batch if a not in scattered) or None, out_spec[1])
+
+    def local(table, ids):
+        first = jax.lax.axis_index(rows) * table.shape[0]
+        mine = (ids >= first) & (ids < first + table.shape[0])
+        x = jnp.take(table, jnp.where(mine, ids - first, 0), axis=0)
+        x = jnp.where(mine[..., None], x, 0).astype(dtype)
+        if scattered:
+            x = jax.lax.psum_scatter(x, scattered, scatter_dimension=0, tiled=True)
+        return jax.lax.psum(x, summed) if summed else x
+
+    region = jax.shard_map(local, mesh=mesh, in_specs=(table_spec, ids_spec), out_specs=out_spec)
+    return region(table, ids)

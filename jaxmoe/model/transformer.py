@@ -27,6 +27,7 @@ from jaxmoe.model.mlp import Mlp
 from jaxmoe.model.moe import Moe, dropped_choices, router_metrics
 from jaxmoe.model.params import RMSNorm, weight
 from jaxmoe.model.xent import PADDING, cross_entropy
+from jaxmoe.partial_sums import lookup
 from jaxmoe.sharding import constrain, run_layers, scan_layers
 
 
@@ -210,10 +211,12 @@ class Transformer(nnx.Module):
     def embed_tokens(self, tokens: jax.Array, pos: jax.Array | int) -> jax.Array:
         """tokens [B, S] at positions pos.. -> the first block's input [B, S, D]."""
         with jax.named_scope("embed"):
-            x = jnp.take(self.embed[...], tokens, axis=0)
+            dt = self.cfg.compute_dtype
+            x = lookup(self.embed[...], (Axis.VOCAB, Axis.EMBED), tokens, RESIDUAL, dt)
             if self.cfg.positions == "learned":
-                x = x + jax.lax.dynamic_slice_in_dim(self.pos_embed[...], pos, tokens.shape[1])
-            return constrain(x.astype(self.cfg.compute_dtype), RESIDUAL)  # [B, S, D]
+                rows = jax.lax.dynamic_slice_in_dim(self.pos_embed[...], pos, tokens.shape[1])
+                x = x + rows.astype(dt)
+            return constrain(x, RESIDUAL)  # [B, S, D]
 
     def _layers(self, x, dropout_key, cache: Cache | None, pos, *, last_only=False):
         cfg = self.cfg

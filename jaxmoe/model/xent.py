@@ -19,10 +19,12 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from jaxmoe.axes import Axis
+from jaxmoe.model.attention import RESIDUAL
 from jaxmoe.partial_sums import partial_sums, split_over, sum_parts
-from jaxmoe.sharding import constrain
+from jaxmoe.sharding import active_layout, constrain, part_axes
 
 ROWS = (Axis.LM_BATCH, None, None)  # the head's inputs [B, c, D]: whole rows on every vocab shard
 CHUNK_LOGITS = (Axis.LM_BATCH, None, Axis.VOCAB)  # [B, c, V]
@@ -72,22 +74,40 @@ def _forward(x, w, targets, vocab_size, chunk_tokens):
     b, s = targets.shape
     n = b * s
     xs, ts = _chunks(constrain(x, ROWS), targets, chunk_len(b, s, chunk_tokens))
+    w = constrain(w, HEAD)  # gathered once where a layout splits it for storage (FSDP)
 
-    # the table's gradient as each batch shard's partial sums, added over devices after the loop
+    # the table's gradient as each batch shard's partial sums, and the inputs' as each vocab
+    # shard's, added over devices after the loop
     split = split_over(ROWS, (0, 1))
+    by_vocab = split_over(CHUNK_LOGITS, (2,))
 
     def body(dw, chunk):
         xc, tc = chunk
         probs, hit, nll = _chunk(xc, w, tc, vocab_size)
         dlogits = constrain(jnp.where(hit, probs - 1.0, probs) / n, CHUNK_LOGITS)
-        dx = jnp.einsum("BSV,DV->BSD", dlogits, w, preferred_element_type=jnp.float32)
+        dx = partial_sums("BSV,DV->BSD", dlogits, CHUNK_LOGITS, w, HEAD, by_vocab)
         dw = dw + partial_sums("BSD,BSV->DV", xc, ROWS, dlogits, CHUNK_LOGITS, split)
         return dw, (jnp.sum(nll), dx.astype(x.dtype))
 
     parts = jnp.zeros((split.parts if split else 1, *w.shape), jnp.float32)
-    parts, (nll, dx) = jax.lax.scan(body, parts, (xs, ts))
-    dx = jnp.moveaxis(dx, 0, 1).reshape(x.shape)
+    parts, (nll, dx) = jax.lax.scan(body, parts, (xs, ts))  # dx: [S/c, N, B, c, D]
+    dx = jnp.moveaxis(dx, 0, 2).reshape(dx.shape[1], *x.shape)
+    dx = sum_parts(dx, RESIDUAL, by_vocab, param=False, spec=_input_spec(x.shape))
     return jnp.sum(nll) / n, (dx, sum_parts(parts, HEAD, split).astype(w.dtype), targets)
+
+
+def _input_spec(shape) -> PartitionSpec | None:
+    """Where the head's input gradient [B, S, D] is summed to: the batch split as the head's
+    rows or the residual stream split it (the loss gathers a split residual; a pipeline splits
+    the head's rows over its stages), so the gradient returns to either without moving."""
+    layout = active_layout()
+    if layout is None:
+        return None
+    mesh, strategy = layout
+    rows, residual = strategy.spec(ROWS, shape=shape), strategy.spec(RESIDUAL, shape=shape)
+    split = set(part_axes(rows[0])) | set(part_axes(residual[0]))
+    batch = tuple(a for a in mesh.axis_names if a in split)
+    return PartitionSpec(batch or None, *residual[1:])
 
 
 def _backward(vocab_size, chunk_tokens, residuals, g):
