@@ -236,10 +236,12 @@ class Moe(nnx.Module):
         weights, axes = self.expert_weights()
         slots = (cfg.n_experts, xg.shape[0], capacity, d)
         summed = _summed_axes(slots, weights, axes)
-        dispatch, combine = dispatch.astype(dt), constrain(combine.astype(dt), COMBINE)
-        if summed:
+        dispatch, combine = dispatch.astype(dt), combine.astype(dt)
+        if summed:  # the gates taken where the router left them (a constraint here would
+            # split their gradient by experts, which the router then gathers back)
             y = self._summed_once(xg, dispatch, combine, keep, weights, axes, summed)
         else:
+            combine = constrain(combine, COMBINE)
             chunks = min(cfg.moe_chunks, capacity)
             picks = [slice(i, None, chunks) for i in range(chunks)] if chunks > 1 else [slice(None)]
             parts = [self._routed(xg, dispatch, combine, keep, weights, axes, p) for p in picks]
