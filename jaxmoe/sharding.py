@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -44,6 +45,8 @@ def scan_layers(
     first_row=0,
     indexed=False,
     last_only=False,
+    micro_batch=None,
+    busy=None,
 ) -> tuple[jax.Array, Any, Any]:
     """The default layer runner: one `lax.scan` over the stacked blocks.
 
@@ -56,7 +59,26 @@ def scan_layers(
     put the layers first, a copy of the stage's weights in every iteration.
 
     `last_only` changes nothing here: every position is at hand and the caller slices.
+
+    `micro_batch` (a pipeline stage's): the cache is [blocks, M, rows, ...] and each block reads
+    and writes micro-batch `micro_batch`'s rows alone, written only where `busy` (an idle stage
+    runs on an empty micro-batch), so no more than one block's rows of it are ever copied.
     """
+
+    def read(c, index):
+        here = jax.lax.dynamic_index_in_dim(c, index, 0, False)
+        return (
+            here
+            if micro_batch is None
+            else jax.lax.dynamic_index_in_dim(here, micro_batch, 0, False)
+        )
+
+    def write(c, new, old, index):
+        if micro_batch is None:
+            return jax.lax.dynamic_update_index_in_dim(c, new, index, 0)
+        new = jnp.where(busy, new, old)[None, None]
+        start = (index, micro_batch) + (0,) * (c.ndim - 2)
+        return jax.lax.dynamic_update_slice(c, new.astype(c.dtype), start)
 
     def body(carry, block):
         x, cache, index = carry
@@ -64,11 +86,9 @@ def scan_layers(
             block = jax.tree.map(
                 lambda b: jax.lax.dynamic_index_in_dim(b, index, 0, False), per_block
             )
-        here = jax.tree.map(lambda c: jax.lax.dynamic_index_in_dim(c, index, 0, False), cache)
-        x, outputs, here = step(x, block, here, first_row)
-        cache = jax.tree.map(
-            lambda c, h: jax.lax.dynamic_update_index_in_dim(c, h, index, 0), cache, here
-        )
+        old = jax.tree.map(lambda c: read(c, index), cache)
+        x, outputs, here = step(x, block, old, first_row)
+        cache = jax.tree.map(lambda c, h, o: write(c, h, o, index), cache, here, old)
         return (x, cache, index + 1), outputs
 
     blocks = None if indexed else per_block
@@ -86,7 +106,8 @@ class Strategy:
     use); `gathered_axes` are the mesh axes they add.
 
     `minimum_bytes(cfg)` gives the least bytes one device must send per layer in the forward
-    pass, as `{"dense": ..., "moe": ...}`, from the ring formulas of strategies.md. Where rules
+    pass, as `{"dense": ..., "moe": ...}` (and what a training step adds: `Layout.minimum_bytes`),
+    from the ring formulas of strategies.md. Where rules
     cannot say it, `run_layers` replaces the scan over the blocks (a pipeline schedule),
     `extra_checks(cfg)` adds the strategy's own checks, raising ConfigError, and
     `bubble_fraction(cfg)` is the share of a pipeline schedule's iterations a stage spends idle

@@ -17,15 +17,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from jaxmoe.axes import Axis
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.model.attention import RESIDUAL
 from jaxmoe.model.transformer import cache_axes
-from jaxmoe.sharding import constrain, pipeline_stage, scan_layers
+from jaxmoe.sharding import active_layout, constrain, pipeline_stage, scan_layers
 
 STAGES = (Axis.LAYERS, *RESIDUAL)  # [P, B/M, S, D]: each stage's micro-batch on its devices
+OUTPUTS = (Axis.LAYERS, None, *RESIDUAL)  # [P, M, B/M, S, D]: every micro-batch, by stage
 
 
 def bubble_fraction(stages: int, micro_batches: int) -> float:
@@ -78,26 +79,25 @@ def gpipe(stage_axis: str) -> Callable:
             cache,
         )
         micro = constrain(x.reshape(m, x.shape[0] // m, *x.shape[1:]), (None, *RESIDUAL))
+        # every stage's own copy of the micro-batches [P, M, B/M, S, D], which the first stage
+        # reads: the input's gradient then builds up where it arises and is summed over the
+        # stages once, after the schedule (read from the shared copy, it would be summed over
+        # `stage_axis` in every iteration)
+        inputs = constrain(jnp.broadcast_to(micro, (stages, *micro.shape)), OUTPUTS)
 
         def stage(h, stage_blocks, stage_cache, index, busy):
             """One stage's blocks on micro-batch `index`; its cache rows change only if busy."""
-            rows = jax.tree.map(
-                lambda a: jax.lax.dynamic_index_in_dim(a, index, 1, False), stage_cache
-            )
-            first_row = index * micro.shape[1]
             with pipeline_stage(stage_axis):
-                h, outputs, new = scan_layers(
-                    step, h, stage_blocks, rows, first_row=first_row, indexed=True
+                return scan_layers(
+                    step,
+                    h,
+                    stage_blocks,
+                    stage_cache,
+                    first_row=index * micro.shape[1],
+                    indexed=True,
+                    micro_batch=index,
+                    busy=busy,
                 )
-            stage_cache = jax.tree.map(
-                lambda a, old, new: jax.lax.dynamic_update_index_in_dim(
-                    a, jnp.where(busy, new, old), index, 1
-                ),
-                stage_cache,
-                rows,
-                new,
-            )
-            return h, outputs, stage_cache
 
         run_stages = jax.vmap(stage, spmd_axis_name=stage_axis)
         stage_ids = jnp.arange(stages)
@@ -107,7 +107,8 @@ def gpipe(stage_axis: str) -> Callable:
 
         def iteration(carry, t):
             state, outputs, stats, cache = carry
-            state = state.at[0].set(micro[jnp.minimum(t, m - 1)])
+            first = jax.lax.dynamic_index_in_dim(inputs, jnp.minimum(t, m - 1), 1, False)
+            state = jnp.where((stage_ids == 0).reshape(-1, 1, 1, 1), first, state)
             busy = (t - stage_ids >= 0) & (t - stage_ids < m)  # [P]
             index = jnp.clip(t - stage_ids, 0, m - 1)  # [P] the micro-batch each stage has
             with jax.named_scope("pipeline_stages"):
@@ -124,9 +125,9 @@ def gpipe(stage_axis: str) -> Callable:
             # only the last stage's row is read, once, after the loop (no traffic per iteration)
             done = jnp.maximum(t - (stages - 1), 0)
             kept = out[:, :, -1:] if last_only else out
-            outputs = constrain(outputs.at[:, done].set(kept), (Axis.LAYERS, None, *RESIDUAL))
+            outputs = constrain(outputs.at[:, done].set(kept), OUTPUTS)
             with jax.named_scope("pipeline_shift"):
-                state = constrain(jnp.roll(out, 1, axis=0), STAGES)
+                state = constrain(_shift(out), STAGES)
             return (state, outputs, stats, cache), None
 
         kept_shape = (stages, *micro.shape[:2], 1 if last_only else micro.shape[2], micro.shape[3])
@@ -139,10 +140,37 @@ def gpipe(stage_axis: str) -> Callable:
         (_, outputs, stats, cache), _ = jax.lax.scan(iteration, init, jnp.arange(m + stages - 1))
         stats = jax.tree.map(lambda a: a.reshape(n_blocks, *a.shape[2:]), stats)
         cache = jax.tree.map(lambda a: a.reshape(n_blocks, -1, *a.shape[4:]), cache)
-        # the last stage's results to every stage: one all-reduce over `stage_axis` (x + 0 = x),
-        # of the last position alone where that is all the caller reads (prefill, decode)
-        last = (stage_ids == stages - 1).reshape((-1,) + (1,) * micro.ndim)
-        result = jnp.sum(jnp.where(last, outputs, 0), axis=0)  # [M, B/M, S, D]
+        result = _from_last_stage(outputs, mesh, stage_axis)  # [M, B/M, S, D]
         return result.reshape(x.shape[0], *result.shape[2:]), stats, cache
 
     return run
+
+
+def _from_last_stage(outputs: jax.Array, mesh: Mesh, stage_axis: str) -> jax.Array:
+    """The last stage's results [M, B/M, S, D] from every stage's [P, M, B/M, S, D]: where the
+    batch is whole on each stage and the stages divide the micro-batches, reduce-scattered
+    over `stage_axis` (the last stage sends each stage its share of the micro-batches, which
+    the LM head then works on), else all-reduced (x + 0 = x) to every stage."""
+    stages, m = mesh.shape[stage_axis], outputs.shape[1]
+    _, strategy = active_layout()
+    spec = strategy.spec(OUTPUTS, shape=outputs.shape)
+    if spec[2] is not None or m % stages:
+        last = (jnp.arange(stages) == stages - 1).reshape((-1,) + (1,) * (outputs.ndim - 1))
+        return jnp.sum(jnp.where(last, outputs, 0), axis=0)
+
+    def local(o):
+        mine = jnp.where(jax.lax.axis_index(stage_axis) == stages - 1, o[0], 0)
+        return jax.lax.psum_scatter(mine, stage_axis, scatter_dimension=0, tiled=True)
+
+    out_spec = PartitionSpec(stage_axis, *spec[2:])
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,), out_specs=out_spec)(outputs)
+
+
+@jax.custom_vjp
+def _shift(x: jax.Array) -> jax.Array:
+    """Each stage's output to the next stage ([P, ...] rolled by one): one collective-permute
+    over the stage axis each way (XLA transposes a roll into two)."""
+    return jnp.roll(x, 1, axis=0)
+
+
+_shift.defvjp(lambda x: (_shift(x), None), lambda _, g: (jnp.roll(g, -1, axis=0),))

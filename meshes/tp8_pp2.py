@@ -15,8 +15,9 @@ by vocabulary over `tensor` and replicated over `pipe`. MoE layers have two plac
 Per iteration of the schedule (M + P - 1 of them, bubbles included: an idle stage still runs
 its layers and collectives on an empty micro-batch) each device all-reduces over `tensor` twice
 per layer of its stage, on one micro-batch, and sends that micro-batch to the next stage by one
-collective-permute over `pipe`. After the loop one all-reduce over `pipe` hands the last stage's
-results to all. Nothing spans all 16 devices. The permute carries the micro-batch whole, as every
+collective-permute over `pipe`. After the loop one reduce-scatter over `pipe` hands each stage
+its share of the last stage's results, on which it runs the LM head (the head's batch is split
+over `pipe`). Nothing spans all 16 devices. The permute carries the micro-batch whole, as every
 device of a stage holds it; sending 1/8 per device and all-gathering over `tensor` on arrival
 (Megatron's scatter/gather) would cut the inter-stage bytes 8 times and is not done here.
 """

@@ -67,12 +67,14 @@ def test_compiled_schedule_moves_micro_batches_between_stages(moe, strategy):
     layers_per_stage = cfg.n_layers // stages
     assert sum(c.executions for c in in_layers) == 2 * layers_per_stage * (m + stages - 1)
     assert min(c.operand_bytes for c in in_layers) == micro_batch
-    # nothing spans both axes; one all-reduce over `pipe` collects the last stage's results
+    # nothing spans both axes; one reduce-scatter over `pipe` hands each stage its share of
+    # the last stage's results (the LM head's rows), half of what an all-reduce would send
     assert all(c.axes in {(MeshAxis.TENSOR,), (MeshAxis.PIPE,)} for c in inv.collectives)
     collect = [c for c in inv.collectives if not c.loop_depth and c.axes == (MeshAxis.PIPE,)]
     assert [(c.kind, c.executions, c.operand_bytes) for c in collect] == [
-        ("all-reduce", 1, m * micro_batch)
+        ("reduce-scatter", 1, m * micro_batch)
     ]
+    assert collect[0].bytes_sent == m * micro_batch * (stages - 1) / stages
 
 
 @pytest.mark.parametrize("strategy", PLACEMENTS, ids=[s.name for s in PLACEMENTS])
