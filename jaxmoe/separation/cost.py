@@ -185,7 +185,7 @@ def calls(run: Separated, phase: str) -> dict[str, int]:
         return blocks
     grads = {"attend_grads": m * n, "expert_grads": m * n}
     once = {"router": 1, "update_attention": 1, "update_experts": 1}
-    return blocks | grads | once | {"embed": m, "head_grads": m, "embed_grads": m}
+    return blocks | grads | once | {"embed": m, "head_grads": 1, "embed_grads": 1}
 
 
 def mesh_inventories(

@@ -25,6 +25,7 @@ from jaxmoe.explain import collectives_by_place, named, parameters
 from jaxmoe.inference import Decoder
 from jaxmoe.layout import Phase, ProgramCost, minimum_per_layer
 from jaxmoe.placement import abstract_model, init_params, param_bytes_total, shard_bytes
+from jaxmoe.report import human_bytes
 from jaxmoe.separation import cost
 from jaxmoe.separation.layout import Separation
 from jaxmoe.separation.runner import INTER_MESH, Separated
@@ -103,10 +104,17 @@ class SeparatedRun:
         }
         # what the layout moves by construction, against what this call moved
         least = sum(v for k, v in self._moved(phase).items() if k in INTER_MESH) / cfg.n_layers
-        sync = 0.0
+        sync = gap = 0.0
         if train:
             sync = a * gradient_sync_bytes((params.outer, params.attention))
             sync = (sync + x * gradient_sync_bytes(params.experts)) / (a + x)
+            # the backward programs recompute their pieces' forward passes, collectives and
+            # all; each micro-batch's attention program sums its weights' gradients itself
+            again = cost.mesh_inventories(run, pieces)
+            again = a * again["attention"].total_bytes() + x * again["experts"].total_bytes()
+            sums = (cfg.micro_batches - 1) * a * gradient_sync_bytes(params.attention)
+            recomputed, summed = (again / (a + x) / cfg.n_layers, sums / (a + x) / cfg.n_layers)
+            gap = recomputed + summed
         volume = minimum_per_layer(cfg, sep, phase, sync)
         memory = cost.memory(run, pieces, phase, optimizer)
         details = {
@@ -141,6 +149,16 @@ class SeparatedRun:
             param_bytes_total=param_bytes_total(abstract_model(cfg)[1]),
             memory=memory.training_parts() if train else memory.to_json(),
             details=details,
+            gap=(
+                f"its backward programs recompute each piece's forward pass (only what crosses "
+                f"between the meshes is kept), collectives and all, {human_bytes(recomputed)} per "
+                f"layer; each micro-batch's attention program sums its weights' gradients over "
+                f"the replica groups ({cfg.micro_batches} sums a step where one would do), "
+                f"{human_bytes(summed)} per layer"
+                if train
+                else ""
+            ),
+            gap_bytes_per_layer=gap,
         )
 
     def _pieces(self, phase: Phase) -> tuple[dict[str, jax.stages.Compiled], tuple[int, int]]:
@@ -164,8 +182,7 @@ class SeparatedRun:
         y = cost.crossing(run, shape, run.exit)  # the experts' output back on the attention mesh
         sums = cost.like(forward["experts"], 1)
         goal = jax.ShapeDtypeStruct((run.rows, cfg.seq_len), jnp.int32, sharding=run.tokens)
-        tokens = goal
-        weight = jax.ShapeDtypeStruct((), jnp.float32)
+        tokens, m = goal, cfg.micro_batches
         at_experts = cost.crossing(run, shape, run.at_experts)
         from jaxmoe.separation.training import SeparatedTrainer  # it builds on this package
 
@@ -175,14 +192,16 @@ class SeparatedRun:
         scale = jax.ShapeDtypeStruct((), jnp.float32)
         optimizer = (shard_bytes(o_state[0]), shard_bytes(o_state[1]))
         return forward | {
-            "head_grads": prog.head_grads.lower(params.outer, x, y, goal, weight).compile(),
+            "head_grads": prog.head_grads.lower(
+                params.outer, *([a] * m for a in (x, y, goal))
+            ).compile(),
             "expert_grads": prog.expert_grads.lower(
                 params.experts[0], at_experts, None, 0, (at_experts, sums)
             ).compile(),
             "attend_grads": prog.attend_grads.lower(
                 params.attention[0], x, y, (x, leaving)
             ).compile(),
-            "embed_grads": prog.embed_grads.lower(params.outer, tokens, x).compile(),
+            "embed_grads": prog.embed_grads.lower(params.outer, [tokens] * m, [x] * m).compile(),
             "router": prog.router.lower([sums] * cfg.n_blocks).compile(),
             "update_attention": trainer.update.lower(
                 sides[0], o_state[0], sides[0], scale

@@ -160,9 +160,8 @@ class Separation:
         attention, experts = self.attention.minimum_bytes(cfg), self.experts.minimum_bytes(cfg)
         fanout = (self.group_size - 1) * self.transfer_bytes(cfg)  # copies and gathers
         crossing = {"dense": 0.0, "moe": 2 * self.transfer_bytes(cfg) + fanout}
-        return {
-            k: (a * attention[k] + x * experts[k] + crossing[k]) / (a + x) for k in ("dense", "moe")
-        }
+        crossing |= {"vocab": 0.0, "moe_backward": 0.0}
+        return {k: (a * attention[k] + x * experts[k] + crossing[k]) / (a + x) for k in crossing}
 
     def padding(self, cfg: ModelConfig) -> dict:
         return {

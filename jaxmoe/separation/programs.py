@@ -67,7 +67,7 @@ class Programs:
         self.last_logits = on_attn(self._last_logits)
         self.logits = on_attn(self._logits)
         self.loss = on_attn(self._loss)
-        self.head_grads = on_attn(jax.value_and_grad(self._loss, argnums=(0, 1, 2)))
+        self.head_grads = on_attn(jax.value_and_grad(self._whole_loss, argnums=(0, 1, 2)))
         self.attend_grads = on_attn(self._attend_grads)
         self.embed_grads = on_attn(self._embed_grads)
         self.experts = on_exp(self._experts)
@@ -109,13 +109,21 @@ class Programs:
         model = self._outer(outer)
         return model.token_loss(model.final_norm(self._last_block(x, y)), targets) * weight
 
+    def _whole_loss(self, outer, xs, ys, goals):
+        """The loss over every micro-batch at once (lists of each's x, y and targets), so the
+        head's gradient is summed over the replica groups once a step, not once a micro-batch."""
+        return self._loss(outer, _rows_together(xs), _rows_together(ys), _rows_together(goals), 1)
+
     def _attend_grads(self, state, x, y, cotangents):
         def attend(state, x, y):
             return self._attend(state, x, y, None, 0)[:2]
 
         return jax.vjp(attend, state, x, y)[1](cotangents)
 
-    def _embed_grads(self, outer, tokens, cotangent):
+    def _embed_grads(self, outer, tokens, cotangents):
+        """The embedding's gradient from every micro-batch's tokens and cotangents (lists), as
+        one batch: summed over the replica groups once."""
+        tokens, cotangent = _rows_together(tokens), _rows_together(cotangents)
         return jax.vjp(lambda o: self._embed(o, tokens, 0), outer)[1](cotangent)[0]
 
     # ---- expert mesh -------------------------------------------------------------------------
@@ -140,3 +148,10 @@ class Programs:
 
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(sums)
         return metrics, grads
+
+
+def _rows_together(parts: list[jax.Array]) -> jax.Array:
+    """Micro-batches [b, ...] each -> one batch [b * M, ...], row i of each together: each
+    device's rows stay on it (a plain concatenation would move rows between replica groups)."""
+    both = jnp.stack(parts, axis=1)  # [b, M, ...]
+    return both.reshape(-1, *both.shape[2:])

@@ -204,7 +204,7 @@ class Separated:
             raise ConfigError(
                 f"{self.sep.name}: 8-bit transfers are for inference; train with transfer_bits=0"
             )
-        prog, n_micro, call = self.programs, self.cfg.micro_batches, _Call(timeline)
+        prog, call = self.programs, _Call(timeline)
         parts = self._split_rows(inputs)
         goals = self._split_rows(targets)
         keys = None
@@ -213,13 +213,8 @@ class Separated:
         saved: list = []
         xs = [prog.embed(params.outer, t, 0) for t in parts]
         xs, ys, stats = self._blocks(call, params, xs, None, 0, keys, saved)
-        ce, g_outer, ct_x, ct_y = 0.0, None, [], []
-        for x, y, goal in zip(xs, ys, goals, strict=True):
-            loss, (g, cx, cy) = prog.head_grads(params.outer, x, y, goal, 1.0 / n_micro)
-            ce += loss
-            g_outer = g if g_outer is None else prog.add(g_outer, g)
-            ct_x.append(cx)
-            ct_y.append(cy)
+        ce, (g_outer, ct_x, ct_y) = prog.head_grads(params.outer, xs, ys, goals)
+        ct_x, ct_y = list(ct_x), list(ct_y)
         sums = [functools.reduce(prog.add, row) for row in stats]
         metrics, g_sums = prog.router(sums)
 
@@ -237,8 +232,7 @@ class Separated:
             )
             self._note(call, "attention", f"attend' {i}.{m}", ct_x[m], f"experts' {i}.{m}")
             g_att[i] = g if g_att[i] is None else prog.add(g_att[i], g)
-        for t, cx in zip(parts, ct_x, strict=True):
-            g_outer = prog.add(g_outer, prog.embed_grads(params.outer, t, cx))
+        g_outer = prog.add(g_outer, prog.embed_grads(params.outer, parts, ct_x))
 
         metrics = {k: np.asarray(v) for k, v in metrics.items()}
         metrics["ce_loss"] = np.asarray(ce)
