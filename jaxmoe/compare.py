@@ -65,6 +65,8 @@ class LayoutReport(ProgramCost):
             "bytes_per_layer": self.bytes_per_layer,
             "minimum_bytes_per_layer": self.minimum_bytes_per_layer,
             "bytes_vs_minimum": self.bytes_vs_minimum,
+            "gap_to_minimum": self.gap or None,
+            "gap_bytes_per_layer": self.gap_bytes_per_layer,
             "bubble_fraction": self.bubble_fraction,
             "param_bytes_per_device": self.param_bytes_per_device,
             "param_bytes_total": self.param_bytes_total,

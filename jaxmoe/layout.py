@@ -39,7 +39,8 @@ class ProgramCost:
     kind -> (count, bytes one device sends). For the training step, `per_layer` is the whole
     step's divided by the layers (the gradient reductions may sit outside the loop).
     `memory` is bytes per device by part; `details` a layout's own figures (per sub-mesh, the
-    transfers between them).
+    transfers between them); `gap` says why the program sends more than the minimum where the
+    layout knows and has not closed it, `gap_bytes_per_layer` by how much.
     """
 
     strategy: str
@@ -53,6 +54,10 @@ class ProgramCost:
     param_bytes_total: int
     memory: dict[str, int]
     details: dict | None = None
+    # why the program sends more than the minimum where the layout knows and has not closed it,
+    # and by how much per layer per device ("" and 0: it does not)
+    gap: str = ""
+    gap_bytes_per_layer: float = 0.0
 
 
 class LaidOut(Protocol):
@@ -119,7 +124,9 @@ class Layout(Protocol):
         `{"dense": ..., "moe": ...}`, for where the layout puts parameters and activations, each
         exchange by its best standard collective (ring all-reduce, all-gather, all-to-all,
         point-to-point), derived from the layout alone; a pipeline's idle iterations are not
-        counted (`minimum_per_layer` has the other phases)."""
+        counted (`minimum_per_layer` has the other phases). What a training step adds: "vocab",
+        the embedding's, the LM head's and the loss's exchanges per step, and "moe_backward",
+        what an MoE layer's backward pass sends beyond its forward pass's transpose."""
 
     def bubble_fraction(self, cfg: ModelConfig) -> float:
         """Share of a pipeline schedule's iterations a stage idles (0 without one)."""
@@ -146,13 +153,15 @@ def minimum_per_layer(
 ) -> float:
     """Mean over layers of the least bytes a device must send in `phase`: the forward pass's
     (prefill's: the same layers over the prompt), a decode step's (its one new token a
-    sequence), or a training step's, twice the forward pass's (each collective's transpose
-    moves as much) plus `gradient_bytes`, the step's gradient reductions."""
+    sequence), or a training step's: twice the forward pass's (each collective's transpose
+    moves as much), what the MoE layers' backward passes add, the embedding's, LM head's and
+    loss's exchanges, and `gradient_bytes`, the step's gradient reductions."""
     step, share = decode_step(cfg) if phase == "decode" else (cfg, 1.0)
     volume = layout.minimum_bytes(step)
     forward = share * (cfg.n_dense_layers * volume["dense"] + cfg.n_moe_layers * volume["moe"])
     if phase == "train":
-        return (2 * forward + gradient_bytes) / cfg.n_layers
+        backward = forward + cfg.n_moe_layers * volume["moe_backward"]
+        return (forward + backward + volume["vocab"] + gradient_bytes) / cfg.n_layers
     return forward / cfg.n_layers
 
 

@@ -136,7 +136,8 @@ def _compiled_table(cfg: ModelConfig, reports: Sequence[LayoutReport], phase: st
     what = {
         "train": "the training step (forward, backward, AdamW) compiled, per layer: the whole "
         "step's collectives / layers (gradient reductions included); minimum: twice the forward "
-        "pass's plus each parameter's gradient all-reduce over its copies",
+        "pass's, the MoE gates' gradients, the vocabulary-parallel embedding, LM head and loss, "
+        "and each parameter's gradient all-reduce over its copies",
         "prefill": "prefill compiled (collectives in the layer loop)",
         "decode": "one decode step compiled (collectives in the layer loop)",
     }[phase]
@@ -145,7 +146,8 @@ def _compiled_table(cfg: ModelConfig, reports: Sequence[LayoutReport], phase: st
         f"B {cfg.batch} x S {cfg.seq_len}, {cfg.dtype}; {what}; memory per device "
         f"(ma_separation: its busier mesh's)"
     )
-    return f"{title}\n\n{table(headers, rows)}\n\n{MINIMUM}"
+    gaps = "".join(f"\n{r.strategy} sends more than its minimum: {r.gap}" for r in reports if r.gap)
+    return f"{title}\n\n{table(headers, rows)}\n\n{MINIMUM}{gaps}"
 
 
 def _rate(figures: dict | None, phase: str) -> str:

@@ -91,6 +91,11 @@ class Composition:
         return self["dp"] * self["fsdp"] * self["ep"]
 
     @property
+    def vocab_split(self) -> int:
+        """Devices the vocabulary (embedding and LM head) is split over."""
+        return self["ep"] * self["heads"] * self["dims"] * self["tp"]
+
+    @property
     def model_split(self) -> int:
         """Devices a layer's attention and MLP weights are split over (FSDP aside)."""
         return self["tp"] * self["heads"] * self["dims"]
@@ -155,7 +160,7 @@ def _rules(c: Composition) -> tuple[dict, dict]:
     rules = {
         Axis.BATCH: batch,
         Axis.ATTN_BATCH: on("dp", "fsdp", "ep", "dims"),
-        Axis.LM_BATCH: on("dp", "fsdp"),
+        Axis.LM_BATCH: on("dp", "fsdp", "pp"),
         Axis.GROUP: batch,
         Axis.LAYERS: on("pp"),
         Axis.HEADS: on("heads", "tp"),
@@ -182,9 +187,16 @@ def minimum_bytes(c: Composition, cfg: ModelConfig) -> dict[str, float]:
       the next stage once; the schedule's idle iterations, which still send, are the bubble's
       (x (M + P - 1) / M in the compiled program), not counted here.
 
+    The training step's backward pass moves what the forward pass does (each collective's
+    transpose) and adds: where tokens stay in place and the experts' width is split ("local"
+    below), each token's gate per expert [G, S, E] summed with its input gradient ("moe_backward",
+    per MoE layer); the vocabulary-parallel embedding, LM head and loss (`volumes.vocabulary_bytes`,
+    "vocab", per step), the head's batch split over data, fsdp and pipe; and a pipeline's ends
+    (`_pipeline_ends`).
+
     One exception is XLA's, kept because the one-sum region cannot take it: under FSDP, expert
     outputs split by width are all-reduced as [E, G, C, D] before the combine (moe.py)."""
-    ar, a2a = volumes.all_reduce, volumes.all_to_all
+    ar, ag, a2a = volumes.all_reduce, volumes.all_gather, volumes.all_to_all
     act = volumes.activation_bytes(cfg) / c.batch_split  # a [B, S, D] of one batch group
     slots = volumes.slots_bytes(cfg) / (c["dp"] * c["fsdp"])  # [E, G, C, D] of an ep group
     tp, ep, h, d = c["tp"], c["ep"], c["heads"], c["dims"]
@@ -195,13 +207,22 @@ def minimum_bytes(c: Composition, cfg: ModelConfig) -> dict[str, float]:
         heads_act = cfg.tokens * cfg.n_heads * cfg.head_dim * cfg.compute_dtype.itemsize
         attention = 4 * a2a(heads_act / c.batch_split / h, d) + ar(act, h * d)
         mlp = experts = ar(act, h * d)
+        local, summed_over = True, h * d
     else:
         attention = mlp = ar(act, tp)
         # without ep, each device's experts (or expert width) combine their slots locally and
         # the tokens' outputs are summed once; with ep, tokens go to the experts' devices and
         # back, and the expert outputs [E, G, C, D] are summed over tensor where they are
-        local = ep == 1 and c["fsdp"] == 1
+        local, summed_over = ep == 1 and c["fsdp"] == 1, tp
         experts = ar(act if local else slots / ep, tp) + 2 * a2a(slots, ep)
+    # each token's gates: summed over the devices that split the experts' width, gathered
+    # over those that split the experts whole
+    gates = volumes.gates_bytes(cfg) / c.batch_split
+    gates = (ag(gates, tp) if c.experts_over_tp else ar(gates, summed_over)) if local else 0.0
+    outside = c["dp"] * c["fsdp"]  # the batch's split outside the vocabulary's devices
+    vocab = volumes.vocabulary_bytes(cfg, c.vocab_split, outside, outside * c["pp"])
+    if c["pp"] > 1:
+        vocab += _pipeline_ends(c, cfg, act)
     # FSDP gathers each layer's weights (the block its model axes leave each device) where used
     w, split = volumes.layer_weights(cfg), c.model_split
     gather = {
@@ -210,15 +231,33 @@ def minimum_bytes(c: Composition, cfg: ModelConfig) -> dict[str, float]:
     }
     dense = attention + mlp + volumes.all_gather(gather["dense"], c["fsdp"])
     moe = attention + experts + volumes.all_gather(gather["moe"], c["fsdp"])
+    train = {"vocab": vocab, "moe_backward": gates if cfg.is_moe else 0.0}
     if c["pp"] == 1:
-        return {"dense": dense, "moe": moe if cfg.is_moe else 0.0}
+        return {"dense": dense, "moe": moe if cfg.is_moe else 0.0, **train}
     # a device runs its stage's L/P layers over its batch and sends it on once (spread over the
     # layers); the compiled schedule runs M + P - 1 iterations of 1/M of the batch
     stages, shift = c["pp"], act / cfg.n_layers
     return {
         "dense": dense / stages + shift,
         "moe": moe / stages + shift if cfg.is_moe else 0.0,
+        "vocab": vocab,
+        "moe_backward": train["moe_backward"] / stages,
     }
+
+
+def _pipeline_ends(c: Composition, cfg: ModelConfig, act: float) -> float:
+    """A pipeline's training step at its ends: the last stage hands each stage its share of the
+    batch for the LM head and takes the gradient back (a reduce-scatter and an all-gather over
+    pipe); the embedding, run on every stage, gets the first stage's input gradient summed
+    over pipe, so every stage's token table has the same gradient: the table's gradient, which
+    `gradient_sync_bytes` counts as summed over pipe, is not (a tied table's still is, the
+    head's share of it differing by stage)."""
+    p = c["pp"]
+    ends = 2 * volumes.all_gather(act, p) + volumes.all_reduce(act, p)
+    if cfg.tie_embeddings:
+        return ends
+    table = cfg.padded_vocab * cfg.d_model * cfg.weight_dtype.itemsize / c.vocab_split / c["fsdp"]
+    return ends - 2 * table / c["dp"] * (p - 1) / p
 
 
 def _checks(c: Composition):

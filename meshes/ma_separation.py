@@ -26,14 +26,17 @@ ATTENTION, EXPERTS, REPLICAS = 12, 4, 2
 
 
 def _attention_bytes(cfg: ModelConfig, replicas: int, group: int) -> dict[str, float]:
-    """Per attention device: one all-reduce of a replica group's [tokens, D] per attention."""
+    """Per attention device: one all-reduce of a replica group's [tokens, D] per attention; in
+    training, the group's vocabulary-parallel embedding, head and loss."""
     attention = volumes.all_reduce(volumes.activation_bytes(cfg) / replicas, group)
-    return {"dense": 2 * attention, "moe": attention}
+    vocab = volumes.vocabulary_bytes(cfg, group, replicas, replicas)
+    return {"dense": 2 * attention, "moe": attention, "vocab": vocab, "moe_backward": 0.0}
 
 
 def _expert_bytes(cfg: ModelConfig, experts: int) -> dict[str, float]:
     """Per expert device: the all-to-all to the experts and the one back, as in ep16."""
-    return {"dense": 0.0, "moe": 2 * volumes.all_to_all(volumes.slots_bytes(cfg), experts)}
+    moe = 2 * volumes.all_to_all(volumes.slots_bytes(cfg), experts)
+    return {"dense": 0.0, "moe": moe, "vocab": 0.0, "moe_backward": 0.0}
 
 
 def separation(

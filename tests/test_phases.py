@@ -12,6 +12,7 @@ from tiny import DEVICES, tiny
 import meshes
 from jaxmoe.compare import compare_strategies
 from jaxmoe.explain import explain
+from jaxmoe.layout import minimum_per_layer
 from jaxmoe.report import compare_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,10 +48,36 @@ def test_every_layouts_training_step_through_the_interface():
         row = next(line for line in text.splitlines() if line.startswith(f"{name} "))
         assert row.count("iB") >= 7, row
 
+    _assert_at_minimum(cfg, reports)
+
     forward = meshes.get("ma_separation").lay_out(cfg, jax.devices()).cost("forward")
     train = reports["ma_separation"]
     assert train.per_layer["transfer"][0] == 2 * forward.per_layer["transfer"][0]
     assert train.per_layer["transfer"][1] == 2 * forward.per_layer["transfer"][1]
+
+
+def _assert_at_minimum(cfg, reports) -> None:
+    """Each training step sends at most 5% over its layout's minimum, a pipeline's idle
+    iterations aside (they send as busy ones do); where a layout says why it sends more, the
+    rest is within 5% (20% for ma_separation, whose programs also hand each other activations
+    in layouts the next one regathers) once what it names is taken off."""
+    for name, r in reports.items():
+        layout = meshes.get(name)
+        layers = 2 * minimum_per_layer(cfg, layout, "forward")
+        layers += layout.minimum_bytes(cfg)["moe_backward"] * cfg.n_moe_layers / cfg.n_layers
+        least = layers / (1 - r.bubble_fraction) + r.minimum_bytes_per_layer - layers
+        ratio = (r.bytes_per_layer - r.gap_bytes_per_layer) / least
+        assert 0.95 <= ratio <= (1.20 if name == "ma_separation" else 1.05), (name, ratio, r.gap)
+        assert (r.gap_bytes_per_layer > 0) == bool(r.gap), name
+    named = {"ma_separation"}
+    assert {n for n, r in reports.items() if r.gap} == named & set(reports)
+
+
+def test_dense_training_steps_send_the_minimum():
+    cfg = tiny(False, micro_batches=2)
+    layouts = list(meshes.REGISTRY.values())
+    reports = compare_strategies(cfg, layouts, jax.devices(), phase="train")
+    _assert_at_minimum(cfg, {r.strategy: r for r in reports})
 
 
 @pytest.mark.parametrize(("name", "phase"), [("ep16", "decode"), ("ma_separation", "decode")])
