@@ -2,10 +2,12 @@
 
 Saved asynchronously every `save_every` steps (training goes on while the arrays are written),
 the last `keep` kept. A checkpoint records the model's architecture, the workload (batch,
-sequence length, micro-batches, loss chunking) and the strategy that wrote it, and restores only
-into the same architecture and strategy (each strategy restores its own checkpoints, into its own
-shardings); another workload is a note. Orbax writes a step to a temporary directory and
-renames it when complete, so a run killed mid-save leaves the previous checkpoint intact.
+sequence length, micro-batches, loss chunking), the layout and device count that wrote it and a
+digest of its state's form (every array's path, shape and dtype). It restores only into the
+same architecture; under another layout or device count whose state has the same form, orbax
+reads each array straight into the new layout's shardings (nothing gathers a whole model on one
+host), and that, like another workload, is a note. Orbax writes a step to a temporary directory
+and renames it when complete, so a run killed mid-save leaves the previous checkpoint intact.
 
 Restoring takes the newest step that reads back whole and finite. A step that does not (a data
 file, manifest or metadata missing or cut short, an unreadable data position, non-finite values)
@@ -15,6 +17,7 @@ aside is one line of `Restored.notes`.
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -66,8 +69,8 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def check(self) -> None:
-        """Refuse, in one line, checkpoints written for another model or strategy: the newest
-        step whose config reads back decides (an unreadable one is left to `restore`)."""
+        """Refuse, in one line, checkpoints written for another model: the newest step whose
+        config reads back decides (an unreadable one is left to `restore`)."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 saved = self._read(step, meta=ocp.args.JsonRestore())["meta"]
@@ -78,10 +81,13 @@ class Checkpoints:
 
     def restore(self, abstract_state: Any) -> Restored | None:
         """The newest step that restores whole and finite into `abstract_state`'s shardings,
-        falling back past damaged ones; None when there is no step at all."""
+        falling back past damaged ones; None when there is no step at all. A step whose state
+        has another form (another kind of layout wrote it) is refused in one line and kept."""
         notes = []
+        self.meta["state"] = state_form(abstract_state)
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
+                self._check_form(self._read(step, meta=ocp.args.JsonRestore())["meta"])
                 restored = self._read(
                     step,
                     state=ocp.args.StandardRestore(abstract_state),
@@ -89,6 +95,8 @@ class Checkpoints:
                     meta=ocp.args.JsonRestore(),
                 )
                 problem = _problem(restored)
+            except ConfigError:
+                raise
             except Exception as err:  # orbax and tensorstore raise many kinds for bad files
                 problem = _reason(err)
             if problem is None:
@@ -137,19 +145,35 @@ class Checkpoints:
         return self.manager.restore(step, args=ocp.args.Composite(**items))
 
     def _check_meta(self, saved: dict) -> None:
-        saved = saved | {"model": _architecture(saved.get("model"))}
-        for key in ("strategy", "model"):
-            if saved.get(key) != self.meta[key]:
-                diff = _difference(saved.get(key), self.meta[key])
-                raise ConfigError(
-                    f"{self.directory} holds checkpoints of another {key} ({diff}); "
-                    f"use another --workdir, or the same {key} as the run that wrote them"
-                )
+        model = _architecture(saved.get("model"))
+        if model != self.meta["model"]:
+            raise ConfigError(
+                f"{self.directory} holds checkpoints of another model "
+                f"({_difference(model, self.meta['model'])}); use another --workdir, or the same "
+                f"model as the run that wrote them"
+            )
+
+    def _check_form(self, saved: dict) -> None:
+        """Refuse a checkpoint whose state has another form than this run's (one written before
+        forms were recorded is tried as it is)."""
+        if isinstance(saved, dict) and saved.get("state", self.meta["state"]) != self.meta["state"]:
+            raise ConfigError(
+                f"{self.directory} holds checkpoints of {saved.get('strategy')}, whose state has "
+                f"another form than {self.meta['strategy']}'s; resume under "
+                f"{saved.get('strategy')}, or use another --workdir"
+            )
 
     def _changes(self, step: int, saved: dict) -> list[str]:
-        """One line naming the training fields (optimizer, schedule, seeds) that differ from the
-        ones the checkpoint was written with, if any."""
+        """One line each for another layout or device count than the checkpoint was written
+        under, another workload, and changed training fields (optimizer, schedule, seeds)."""
         notes = []
+        where = (saved.get("strategy"), saved.get("devices"))
+        if where != (self.meta["strategy"], self.meta["devices"]) and where[1] is not None:
+            notes.append(
+                f"resuming step {step}, written under {where[0]} on {where[1]} devices, under "
+                f"{self.meta['strategy']} on {self.meta['devices']}: each array is read into "
+                f"the new layout's shardings"
+            )
         if "workload" in saved and saved["workload"] != self.meta["workload"]:
             notes.append(
                 f"resuming step {step} with another workload "
@@ -248,13 +272,22 @@ def _reason(err: Exception) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def meta(cfg: ModelConfig, strategy: str, train: Any) -> dict:
+def meta(cfg: ModelConfig, strategy: str, devices: int, train: Any) -> dict:
     return {
         "model": dataclasses.asdict(cfg.architecture),
         "workload": dataclasses.asdict(cfg.workload),
         "strategy": strategy,
+        "devices": devices,
         "train": dataclasses.asdict(train),
     }
+
+
+def state_form(abstract_state: Any) -> str:
+    """A digest of a training state's form: every array's path, shape and dtype (not where it
+    lives: layouts of the same model share it, whatever their shardings)."""
+    leaves = jax.tree_util.tree_leaves_with_path(abstract_state)
+    text = ";".join(f"{jax.tree_util.keystr(p)}:{a.shape}:{a.dtype}" for p, a in leaves)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _architecture(saved: Any) -> Any:
