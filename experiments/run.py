@@ -37,6 +37,7 @@ from experiments import (
     train_cmd,
 )
 from experiments.configs import DEVICES, platform_flags
+from jaxmoe import watch
 from jaxmoe.config import DEFAULT_PRESET, ConfigError
 from jaxmoe.layout import PHASES
 from jaxmoe.plan import COMPILE_TOP
@@ -44,6 +45,7 @@ from jaxmoe.plan import PHASES as PLAN_PHASES
 from jaxmoe.train.loop import TrainingDiverged, TrainingFailed, TrainingInterrupted
 
 COMMANDS = ("compare", "train", "experiment", "device", "plan", "explain")
+LOSS_GRACE_S = 5.0  # how long a failed command waits to learn whether a peer process was lost
 COMPILE_DEVICES = (
     f"devices to lay the model over (default {DEVICES}); virtual CPU devices when it only "
     "compiles and the GPUs or TPUs here are fewer"
@@ -265,6 +267,9 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; nothing was lost; run the same command again", file=sys.stderr)
         return 130
+    except Exception:
+        watch.hold_if_lost(LOSS_GRACE_S)  # a collective failed as a peer died: say that instead
+        raise
     return 0
 
 

@@ -10,6 +10,9 @@ mismatched --num-processes or a duplicate --process-id is a `ConfigError` before
 runtime starts. Only once everyone is there does process 0 close its socket, answer `go`, and
 every process call `jax.distributed.initialize` on the same address.
 
+Process 0's `go` names a port on which it then watches every peer and every peer watches it
+(`jaxmoe.watch`): a process lost while the run goes on stops the others within seconds.
+
 The platform (`jaxmoe.platform`) is set up around it: the CPU device count before the runtime
 starts, the platform and its devices chosen once every process is there.
 """
@@ -25,6 +28,7 @@ from typing import NoReturn
 
 import jax
 
+from jaxmoe import watch
 from jaxmoe.config import ConfigError
 from jaxmoe.platform import CPU_DEVICES, Platform, attach, check_count, configure
 
@@ -74,7 +78,8 @@ def start(
         if process_id == 0:
             _gather(address[1], n, coordinator, timeout_s)
         else:
-            _join(address, process_id, n, coordinator, timeout_s)
+            watch_port = _join(address, process_id, n, coordinator, timeout_s)
+            watch.join(address[0], watch_port, process_id, n, timeout_s)
         _initialize(timeout_s, coordinator, n, process_id)
     elif os.environ.get(COORDINATOR_ENV) or any(
         int(os.environ.get(v) or 0) > 1 for v in TASK_COUNTS
@@ -145,10 +150,12 @@ def _gather(port: int, n: int, coordinator: str, timeout_s: float) -> None:
                     with conn:
                         _refuse([*peers.values(), conn], problem)
                 peers[pid] = conn
+        watch_port, start_watching = watch.serve(n)
         for conn in peers.values():
-            conn.sendall(b"go\n")
+            conn.sendall(f"go {watch_port}\n".encode())
         for conn in peers.values():  # let the peers close first: no TIME_WAIT on the port here
             _read_line(conn, REPLY_GRACE_S)
+        start_watching(timeout_s)
     finally:
         for conn in peers.values():
             conn.close()
@@ -185,8 +192,9 @@ def _hello(conn: socket.socket, timeout_s: float) -> tuple[int, int] | None:
 
 def _join(
     address: tuple[str, int], process_id: int, n: int, coordinator: str, timeout_s: float
-) -> None:
-    """A peer: connect to process 0 (retrying until the deadline), say hello, wait for `go`."""
+) -> int:
+    """A peer: connect to process 0 (retrying until the deadline), say hello, wait for `go`
+    and the port process 0 watches its peers on (`jaxmoe.watch`)."""
     deadline = time.monotonic() + timeout_s
     last = "nothing tried"
     while (left := deadline - time.monotonic()) > 0:
@@ -199,8 +207,9 @@ def _join(
         with conn:
             # process 0 listened before this connection, so its own deadline is within timeout_s
             reply = _exchange(conn, f"{HELLO} {process_id} {n}\n", timeout_s + REPLY_GRACE_S)
-        if reply == "go":
-            return
+        words = reply.split()
+        if len(words) == 2 and words[0] == "go" and words[1].isdigit():
+            return int(words[1])
         if reply.startswith("fail "):
             raise ConfigError(f"process 0 at {coordinator} gave up: {reply.removeprefix('fail ')}")
         raise ConfigError(

@@ -11,6 +11,7 @@ from tiny import DEVICES, tiny
 
 import meshes
 from jaxmoe.compare import compare_strategies
+from jaxmoe.config import preset
 from jaxmoe.explain import explain
 from jaxmoe.layout import minimum_per_layer
 from jaxmoe.report import compare_table
@@ -22,8 +23,8 @@ NAMES = list(meshes.LAYOUTS)
 def test_every_layouts_training_step_through_the_interface():
     """One test, so the six training steps are compiled once (on one worker): each reduces
     gradients and holds Adam's state; the table shows each step against its least volume;
-    the separated meshes move twice what the forward pass moves."""
-    cfg = tiny(micro_batches=2)
+    the separated meshes move twice what the forward pass moves; each is at its minimum."""
+    cfg = preset("tiny_moe")
     layouts = list(meshes.LAYOUTS.values())
     reports = {
         r.strategy: r for r in compare_strategies(cfg, layouts, jax.devices(), phase="train")
@@ -74,7 +75,7 @@ def _assert_at_minimum(cfg, reports) -> None:
 
 
 def test_dense_training_steps_send_the_minimum():
-    cfg = tiny(False, micro_batches=2)
+    cfg = preset("tiny_dense")
     layouts = list(meshes.REGISTRY.values())
     reports = compare_strategies(cfg, layouts, jax.devices(), phase="train")
     _assert_at_minimum(cfg, {r.strategy: r for r in reports})

@@ -5,6 +5,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import jax
 import pytest
 
 import meshes
+from jaxmoe import watch
 from jaxmoe.config import ConfigError, preset
 from jaxmoe.layout import Layout
 from jaxmoe.train.loop import RunOptions, train
@@ -35,14 +37,16 @@ def losses(workdir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in lines}
 
 
-def run_in_process(strategy: Layout, workdir: Path) -> dict[int, float]:
+def run_in_process(
+    strategy: Layout, workdir: Path, save_every: int = CURVE_STEPS
+) -> dict[int, float]:
     cfg = preset("tiny_moe").replace(expert_dropout=0.1, **SMALL)
     tc = TrainConfig(learning_rate=CURVE_LR).scaled_to(CURVE_STEPS)
     opts = RunOptions(
         steps=CURVE_STEPS,
         workdir=workdir,
         eval_every=CURVE_STEPS,
-        save_every=CURVE_STEPS,
+        save_every=save_every,
         progress=False,
     )
     train(cfg, strategy, tc, opts, jax.devices()[: strategy.n_devices])
@@ -57,7 +61,10 @@ def one_device_curve(tmp: Path) -> dict[int, float]:
 @pytest.mark.parametrize("strategy", list(meshes.LAYOUTS.values()), ids=list(meshes.LAYOUTS))
 def test_every_strategy_gives_the_same_loss_curve(strategy, tmp_path_factory):
     reference = one_device_curve(tmp_path_factory.getbasetemp())
-    curve = run_in_process(strategy, tmp_path_factory.mktemp(strategy.name.replace(":", "-")))
+    if strategy.name == "ep16":  # the run the resumption tests read, saved at step 10 too
+        curve, _ = ep16_curve(tmp_path_factory.getbasetemp())
+    else:
+        curve = run_in_process(strategy, tmp_path_factory.mktemp(strategy.name.replace(":", "-")))
     assert sorted(curve) == list(range(1, CURVE_STEPS + 1))
     for step, loss in curve.items():
         assert loss == pytest.approx(reference[step], rel=CURVE_RTOL), step
@@ -156,6 +163,45 @@ def two_processes(workdir: Path, *args: str) -> list[str]:
     return [out for out, _ in outputs]
 
 
+def test_a_lost_process_stops_the_other_and_one_process_resumes(tmp_path):
+    """Two processes of 8 devices; process 1 killed after step 7: process 0 exits within 60 s
+    with one line naming it and the last checkpoint; one process of 8 devices resumes from
+    that checkpoint under an 8-device layout, and every step is in the metrics once."""
+    steps = 12
+    coordinator = f"--coordinator=127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            command(tmp_path, coordinator, "--num-processes=2", f"--process-id={i}", steps=steps),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and procs[0].poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.02)
+    assert procs[0].poll() is None and procs[1].poll() is None, procs[0].stderr.read()
+    procs[1].kill()
+    killed = time.monotonic()
+    _, err = procs[0].communicate(timeout=60)
+    procs[1].communicate()
+    assert time.monotonic() - killed < 60
+    assert procs[0].returncode == watch.EXIT_LOST, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: process 1 of 2 is lost ("), line
+    assert "the last good checkpoint (step 6)" in line and "--devices" in line, line
+
+    resumed = run(command(tmp_path, "--strategy=dp2_ep4", "--devices=8", steps=steps))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "written under ep16 on 16 devices, under dp2_ep4 on 8" in resumed.stdout
+    lines = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert lines == list(range(1, steps + 1))
+
+
 def test_two_processes_of_8_devices_train_like_one_of_16(tmp_path, uninterrupted):
     outputs = two_processes(tmp_path)
     assert "final: step 8" in outputs[0] and "final:" not in outputs[1]  # process 0 reports
@@ -195,13 +241,45 @@ def write(path: Path, content: bytes) -> Path:
     return path
 
 
-def test_checkpoints_of_another_strategy_or_model_are_refused_and_kept(tmp_path):
+def test_checkpoints_of_another_model_or_state_form_are_refused_and_kept(tmp_path):
+    """Another architecture, or a layout whose state has another form (ma_separation keeps its
+    two meshes' parameters apart), is one line; nothing in the workdir changes."""
     first = run(command(tmp_path, "--strategy=tp16", steps=3))
     assert first.returncode == 0, first.stderr
     saved = digest(tmp_path)
-    one_line_error(run(command(tmp_path, "--strategy=ep16")), "another strategy")
+    one_line_error(run(command(tmp_path, "--strategy=ma_separation")), "another form")
     one_line_error(run(command(tmp_path, "--strategy=tp16", "--set=d_ff=256")), "d_ff")
     assert digest(tmp_path) == saved  # every file as it was
+
+
+@functools.cache
+def ep16_curve(tmp: Path) -> tuple[dict[int, float], Path]:
+    """The 20-step ep16 run, checkpointed at step 10 too, and its workdir."""
+    workdir = tmp / "ep16_saved_at_10"
+    return run_in_process(meshes.get("ep16"), workdir, save_every=CURVE_STEPS // 2), workdir
+
+
+@pytest.mark.parametrize("resume", ["tp8_pp2", "dp2_ep4"])
+def test_a_checkpoint_resumes_under_another_layout_and_device_count(
+    resume, tmp_path, tmp_path_factory, caplog
+):
+    """ep16's checkpoint of step 10 (16 devices) resumed under tp8_pp2 (16) or dp2_ep4 (8):
+    the arrays are read into the new shardings, the data streams go on where they were, and
+    steps 11 to 20 give ep16's uninterrupted losses (float32 sums in another order)."""
+    reference, saved = ep16_curve(tmp_path_factory.getbasetemp())
+    shutil.copytree(saved, tmp_path, dirs_exist_ok=True)
+    shutil.rmtree(tmp_path / "checkpoints" / str(CURVE_STEPS))
+    with caplog.at_level("WARNING"):
+        curve = run_in_process(meshes.get(resume), tmp_path)
+    layout = meshes.get(resume)
+    assert (
+        f"resuming step 10, written under ep16 on 16 devices, under {resume} on "
+        f"{layout.n_devices}" in caplog.text
+    )
+    assert sorted(curve) == list(range(1, CURVE_STEPS + 1))
+    for step in range(CURVE_STEPS // 2 + 1, CURVE_STEPS + 1):
+        assert curve[step] == pytest.approx(reference[step], rel=CURVE_RTOL), step
+    assert curve[CURVE_STEPS] != curve[CURVE_STEPS // 2 + 1]  # it trained on
 
 
 def test_optimizer_state_is_sharded_like_the_parameters():

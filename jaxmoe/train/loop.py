@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxmoe import data
+from jaxmoe import data, watch
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.layout import Layout
 from jaxmoe.paths import writable_dir
@@ -113,10 +113,11 @@ def _train(cfg, strategy, tc, opts, devices, lead: bool) -> dict:
         opts.workdir / "checkpoints",
         keep=tc.keep_checkpoints,
         save_every=opts.save_every,
-        meta=checkpoints.meta(cfg, strategy.name, tc),
+        meta=checkpoints.meta(cfg, strategy.name, strategy.n_devices, tc),
     )
     ckpt.check()  # a foreign checkpoint is refused before anything compiles
     run = _Run(ckpt)
+    watch.on_loss(run.lost)  # what a survivor says when another process of the run is lost
     try:
         last = run.go(cfg, strategy, tc, opts, devices, train_files, valid_files, tokenizer, lead)
         run.close()  # waits for the last save: a failed write shows here
@@ -259,6 +260,13 @@ class _Run:
         return (
             f"interrupted: stopped after step {step} and saved it; {self.kept()}; run the same "
             f"command to resume"
+        )
+
+    def lost(self) -> str:
+        """What to do when another process of the run is lost (said by `jaxmoe.watch`)."""
+        return (
+            f"{self.kept()}; run the same command again to resume, or on fewer processes or "
+            f"devices (--num-processes, --devices, --strategy a layout that fits them)"
         )
 
     def interrupted(self) -> str:
