@@ -16,6 +16,7 @@ import jaxmoe
 import meshes
 from jaxmoe.compare import can_split
 from jaxmoe.config import ConfigError
+from jaxmoe.train.recipe import TINY_LEARNING_RATE, described
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,6 +68,21 @@ def test_the_recipe_is_the_command_lines():
     assert cfg.expert_dropout == 0.0
     _, tc = jaxmoe.recipe(jaxmoe.config("paper000", "full"), 40)
     assert tc.warmup_steps == 5000  # a full-size model keeps the papers' schedule
+    assert tc.learning_rate == jaxmoe.TrainConfig().learning_rate == 1e-4  # and learning rate
+
+
+def test_a_tiny_preset_learns_at_its_own_rate_unless_told_otherwise():
+    cfg, tc = jaxmoe.recipe(jaxmoe.config("tiny_moe"), 600)
+    assert tc.learning_rate == TINY_LEARNING_RATE != jaxmoe.TrainConfig().learning_rate
+    line = described(cfg, tc)
+    assert line.startswith("the tiny presets' recipe: AdamW, learning rate 0.003 after 60 ")
+    mine = jaxmoe.TrainConfig(learning_rate=1e-2)
+    cfg, tc = jaxmoe.recipe(jaxmoe.config("tiny_moe"), 600, mine, explicit={"learning_rate"})
+    assert tc.learning_rate == 1e-2 and described(cfg, tc, {"learning_rate"}).endswith(
+        "; yours: learning_rate"
+    )
+    paper = jaxmoe.config("paper000", "full")
+    assert described(*jaxmoe.recipe(paper, 600)).startswith("the papers' recipe: AdamW, learning")
 
 
 def test_notebooks_use_the_api_only():

@@ -69,6 +69,10 @@ class TrainConfig:
 
 
 RECIPE_DROPOUT = 0.1  # expert dropout (strategies.md, strategy D)
+# a tiny configuration's peak learning rate: the best of 1e-3, 3e-3 and 1e-2 over 600 steps of
+# tiny_moe under ep16 on the shipped sample (README, "Training"); the papers' 1e-4 suits 50,000
+# steps of a large model and barely moves a tiny one in a few hundred
+TINY_LEARNING_RATE = 3e-3
 
 
 def recipe(
@@ -79,15 +83,31 @@ def recipe(
     explicit: Collection[str] = (),
 ) -> tuple[ModelConfig, TrainConfig]:
     """The papers' recipe for `cfg` trained for `steps` steps: expert dropout 0.1 and, on a tiny
-    configuration (`tiny` in its name), the schedule shrunk to the run (`scaled_to`). Fields
-    named in `explicit` (the user's own, e.g. the CLI's --set) are left as they are. Every
-    entry point trains with this, so a notebook runs the recipe the command line runs."""
+    configuration (`tiny` in its name), the schedule shrunk to the run (`scaled_to`) and the
+    tiny presets' learning rate. Fields named in `explicit` (the user's own, e.g. the CLI's
+    --set) are left as they are. Every entry point trains with this, so a notebook runs the
+    recipe the command line runs."""
     tc = TrainConfig() if tc is None else tc
     if "expert_dropout" not in explicit:
         cfg = cfg.replace(expert_dropout=RECIPE_DROPOUT)
-    if "tiny" in cfg.name and not {"warmup_steps", "decay_steps"} & set(explicit):
-        tc = tc.scaled_to(steps)
+    if "tiny" in cfg.name:
+        if not {"warmup_steps", "decay_steps"} & set(explicit):
+            tc = tc.scaled_to(steps)
+        if "learning_rate" not in explicit:
+            tc = dataclasses.replace(tc, learning_rate=TINY_LEARNING_RATE)
     return cfg, tc
+
+
+def described(cfg: ModelConfig, tc: TrainConfig, explicit: Collection[str] = ()) -> str:
+    """One line: which recipe `recipe` gave (the papers' or the tiny presets'), and its
+    schedule."""
+    which = "the tiny presets'" if "tiny" in cfg.name else "the papers'"
+    own = sorted(set(explicit) & {f.name for f in dataclasses.fields(TrainConfig)})
+    return (
+        f"{which} recipe: AdamW, learning rate {tc.learning_rate:g} after {tc.warmup_steps} "
+        f"warm-up steps, cosine to {tc.final_lr_fraction:g}x at step {tc.decay_steps}, expert "
+        f"dropout {cfg.expert_dropout:g}" + (f"; yours: {', '.join(own)}" if own else "")
+    )
 
 
 def schedule(tc: TrainConfig) -> optax.Schedule:
