@@ -81,6 +81,7 @@ def start(
             watch_port = _join(address, process_id, n, coordinator, timeout_s)
             watch.join(address[0], watch_port, process_id, n, timeout_s)
         _initialize(timeout_s, coordinator, n, process_id)
+        watch.leave_at_exit()
     elif os.environ.get(COORDINATOR_ENV) or any(
         int(os.environ.get(v) or 0) > 1 for v in TASK_COUNTS
     ):

@@ -7,7 +7,7 @@ a beat every `BEAT_S` seconds: a connection that closes without a goodbye (the k
 killed process's sockets at once) or stays silent for `SILENT_S` seconds is a lost process.
 Process 0 tells the other peers, and every survivor prints one line naming the lost process and
 what to do (`on_loss` sets it: the training loop names the last checkpoint), then exits with
-`EXIT_LOST`. A process that ends normally says goodbye first (`leave`, also at exit).
+`EXIT_LOST`. A process that ends normally says goodbye first (`leave`, at exit).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 BEAT_S = 2.0  # between beats
-SILENT_S = 60.0  # silence after which a process counts as lost
+SILENT_S = 300.0  # silence after which a process counts as lost (a long compile holds the GIL)
 EXIT_LOST = 4
 _WATCH = "jaxmoe-watch"  # a peer's first line: _WATCH <process id>
 
@@ -31,6 +31,7 @@ _lock = threading.Lock()
 _conns: dict[int, socket.socket] = {}  # process id -> connection (process 0: every peer's)
 _advice: list[Callable[[], str]] = [lambda: "the run cannot go on without it"]
 _lost = threading.Event()  # set once a loss is found
+_left = threading.Event()  # set once this process said goodbye: it watches no more
 
 
 def on_loss(advice: Callable[[], str]) -> None:
@@ -88,6 +89,7 @@ def join(host: str, port: int, process_id: int, n: int, timeout_s: float) -> Non
 
 def leave() -> None:
     """Say goodbye to every process watched (this one ends as it should)."""
+    _left.set()
     with _lock:
         conns = dict(_conns)
         _conns.clear()
@@ -98,8 +100,13 @@ def leave() -> None:
 
 
 def _begin(target: Callable[[], None]) -> None:
-    atexit.register(leave)
     threading.Thread(target=target, name="jaxmoe-watch", daemon=True).start()
+
+
+def leave_at_exit() -> None:
+    """Say goodbye when the interpreter exits; registered after JAX's runtime starts, this
+    runs before its shutdown barrier (atexit runs last first), so nobody is watched there."""
+    atexit.register(leave)
 
 
 def _first_line(conn: socket.socket) -> str:
@@ -159,7 +166,10 @@ def _watch(n: int) -> None:
 
 
 def _lose(pid: int, n: int, why: str) -> None:
-    """Tell the other peers (process 0), say it in one line, and end this process."""
+    """Tell the other peers (process 0), say it in one line, and end this process (unless it
+    said goodbye itself: then the connections closed are its own)."""
+    if _left.is_set():
+        sys.exit()  # ends the watch thread only
     with _lock:
         others = {p: c for p, c in _conns.items() if p != pid}
     for conn in others.values():

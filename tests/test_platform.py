@@ -115,12 +115,21 @@ def test_fewer_gpus_than_a_layout_uses_name_the_cpu():
 def test_runtime_sets_the_cpu_share_before_starting_and_chooses_after(monkeypatch):
     calls = []
     monkeypatch.setattr(runtime, "configure", lambda *a: calls.append(("configure", *a)))
-    monkeypatch.setattr(runtime, "_join", lambda *a: calls.append(("join",)))
+    monkeypatch.setattr(runtime, "_join", lambda *a: calls.append(("join",)) or 2)
+    monkeypatch.setattr(runtime.watch, "join", lambda *a: calls.append(("watch", *a[:2])))
+    monkeypatch.setattr(runtime.watch, "leave_at_exit", lambda: calls.append(("leave at exit",)))
     monkeypatch.setattr(runtime, "_initialize", lambda *a: calls.append(("initialize",)))
     chosen = Platform("cpu", ("cpu0",))
     monkeypatch.setattr(runtime, "attach", lambda *a: calls.append(("attach", *a)) or chosen)
     assert runtime.start(None, 2, 1, "127.0.0.1:1", 30.0) is chosen
-    assert calls == [("configure", None, 8), ("join",), ("initialize",), ("attach", None, None)]
+    assert calls == [
+        ("configure", None, 8),
+        ("join",),
+        ("watch", "127.0.0.1", 2),  # process 0's watch port, from its `go`
+        ("initialize",),
+        ("leave at exit",),  # after the runtime: the goodbye comes before its shutdown barrier
+        ("attach", None, None),
+    ]
     calls.clear()
     runtime.start(8, 1, 0, None, 30.0, "gpu")
     assert calls == [("configure", "gpu", 8), ("attach", "gpu", 8)]
@@ -128,7 +137,9 @@ def test_runtime_sets_the_cpu_share_before_starting_and_chooses_after(monkeypatc
 
 def test_runtime_refuses_part_of_several_processes_gpus(monkeypatch):
     monkeypatch.setattr(runtime, "configure", lambda *a: None)
-    monkeypatch.setattr(runtime, "_join", lambda *a: None)
+    monkeypatch.setattr(runtime, "_join", lambda *a: 2)
+    monkeypatch.setattr(runtime.watch, "join", lambda *a: None)
+    monkeypatch.setattr(runtime.watch, "leave_at_exit", lambda: None)
     monkeypatch.setattr(runtime, "_initialize", lambda *a: None)
     monkeypatch.setattr(runtime, "attach", lambda *a: Platform("gpu", ("gpu0",) * 8))
     monkeypatch.setattr(jax, "process_count", lambda: 2)
