@@ -127,7 +127,7 @@ def _watch(n: int) -> None:
     heard = {pid: time.monotonic() for pid in _conns}
     pending = {pid: b"" for pid in _conns}
     sent = 0.0
-    while True:
+    while not _left.is_set():
         with _lock:
             conns = dict(_conns)
         if not conns:
@@ -139,7 +139,12 @@ def _watch(n: int) -> None:
                 with contextlib.suppress(OSError):
                     conn.settimeout(BEAT_S)
                     conn.sendall(b"beat\n")
-        ready, _, _ = select.select(list(conns.values()), [], [], BEAT_S)
+        try:
+            ready, _, _ = select.select(list(conns.values()), [], [], BEAT_S)
+        except (OSError, ValueError):  # a connection this process closed as it said goodbye
+            if _left.is_set():
+                return
+            raise
         for pid, conn in conns.items():
             if conn not in ready:
                 if time.monotonic() - heard[pid] > SILENT_S:
