@@ -18,7 +18,7 @@ from jaxmoe import runtime
 from jaxmoe.config import with_overrides
 from jaxmoe.platform import Platform
 from jaxmoe.train.loop import RunOptions
-from jaxmoe.train.recipe import TrainConfig, described, recipe
+from jaxmoe.train.recipe import TrainConfig
 
 
 def run(args: argparse.Namespace) -> None:
@@ -38,8 +38,6 @@ def run(args: argparse.Namespace) -> None:
     chosen = _start_runtime(args)
     if args.devices is None:
         enough_devices(chosen, strategy.n_devices, f"strategy {strategy.name}")
-    if jax.process_index() == 0:
-        print(described(*recipe(cfg, args.steps, tc, explicit=named), named), flush=True)
     last = jaxmoe.train(cfg, strategy, opts, tc, explicit=named, devices=chosen.devices)
     if jax.process_index() == 0:
         print(

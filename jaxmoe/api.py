@@ -29,7 +29,7 @@ from jaxmoe.plan import Plan
 from jaxmoe.plan import plan as _plan
 from jaxmoe.train.loop import RunOptions
 from jaxmoe.train.loop import train as _train
-from jaxmoe.train.recipe import TrainConfig, recipe
+from jaxmoe.train.recipe import TrainConfig, described, recipe
 
 Config = ModelConfig | str
 Layouts = Sequence[Layout | str] | None
@@ -266,6 +266,7 @@ def train(
     """Train with the papers' recipe (`jaxmoe.train.recipe.recipe`: fields in `explicit` are the
     caller's own) on C4, resuming from `options.workdir`; see `jaxmoe.train.loop.train`."""
     model, tc = recipe(config(cfg), options.steps, tc, explicit=explicit)
+    options = dataclasses.replace(options, announce=described(model, tc, explicit))
     last = _train(model, layout(layout_), tc, options, devices)
     return TrainResult(
         last["step"],

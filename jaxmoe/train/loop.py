@@ -58,6 +58,7 @@ class RunOptions:
     eval_every: int = 100
     save_every: int = 100
     progress: bool = True
+    announce: str = ""  # a line process 0 prints as the steps begin (which recipe applies)
 
     def __post_init__(self) -> None:
         for name in ("steps", "eval_every", "save_every"):
@@ -186,6 +187,8 @@ class _Run:
         metrics_path = opts.workdir / "metrics.jsonl"
         if lead:
             _keep_lines_up_to(metrics_path, start)
+            if opts.announce:
+                print(opts.announce, flush=True)
 
         tokens_per_step = cfg.batch * cfg.seq_len
         bar = tqdm(
