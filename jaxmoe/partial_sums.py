@@ -186,18 +186,17 @@ def sum_parts(
     out_axes: Logical,
     split: Split | None,
     *,
-    param: bool = True,
     spec: PartitionSpec | None = None,
 ) -> jax.Array:
     """Add the partial sums [N, ...] once: a reduce-scatter over the mesh axes that split the
-    parameter (or, without `param`, the activation) with logical axes `out_axes` (or the
-    result's `spec`, where given), an all-reduce over the rest of `split`'s axes.
+    parameter with logical axes `out_axes` (or the result's `spec`, where given: an
+    activation's), an all-reduce over the rest of `split`'s axes.
 
     The region is manual over every mesh axis: XLA's partitioner replicates the operand of a
     reduce-scatter over the axes it still places itself."""
     if split is None:
         return parts[0]
-    spec = spec or split.strategy.spec(out_axes, param=param, shape=parts.shape[1:])
+    spec = spec or split.strategy.spec(out_axes, param=True, shape=parts.shape[1:])
     held = {a for part in spec for a in part_axes(part)}
 
     def local(p):

@@ -37,7 +37,6 @@ COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 HELLO = "jaxmoe-join"  # a peer's first line: HELLO <process id> <process count>
 RETRY_S = 0.2  # between a peer's connection attempts
 REPLY_GRACE_S = 5.0  # a peer's wait for process 0's answer, beyond process 0's own deadline
-MAX_LINE = 512
 
 
 def start(
@@ -155,7 +154,7 @@ def _gather(port: int, n: int, coordinator: str, timeout_s: float) -> None:
         for conn in peers.values():
             conn.sendall(f"go {watch_port}\n".encode())
         for conn in peers.values():  # let the peers close first: no TIME_WAIT on the port here
-            _read_line(conn, REPLY_GRACE_S)
+            watch.read_line(conn, REPLY_GRACE_S)
         start_watching(timeout_s)
     finally:
         for conn in peers.values():
@@ -185,7 +184,7 @@ def _refuse(conns: Iterable[socket.socket], message: str) -> NoReturn:
 
 def _hello(conn: socket.socket, timeout_s: float) -> tuple[int, int] | None:
     """(process id, process count) from a peer's hello line, or None if it is not one."""
-    words = _read_line(conn, timeout_s).split()
+    words = watch.read_line(conn, timeout_s).split()
     if len(words) != 3 or words[0] != HELLO or not words[1].isdigit() or not words[2].isdigit():
         return None
     return int(words[1]), int(words[2])
@@ -229,24 +228,7 @@ def _exchange(conn: socket.socket, line: str, timeout_s: float) -> str:
         conn.sendall(line.encode())
     except OSError:
         return ""
-    return _read_line(conn, timeout_s)
-
-
-def _read_line(conn: socket.socket, timeout_s: float) -> str:
-    """One line (without its newline) within `timeout_s`; what came before EOF, an error or the
-    time limit otherwise."""
-    data = b""
-    deadline = time.monotonic() + timeout_s
-    try:
-        while b"\n" not in data and len(data) < MAX_LINE:
-            conn.settimeout(max(deadline - time.monotonic(), 1e-3))
-            chunk = conn.recv(MAX_LINE)
-            if not chunk:
-                break
-            data += chunk
-    except OSError:  # includes the time limit
-        pass
-    return data.partition(b"\n")[0].decode(errors="replace").strip()
+    return watch.read_line(conn, timeout_s)
 
 
 def _listen(port: int) -> socket.socket:

@@ -26,6 +26,7 @@ BEAT_S = 2.0  # between beats
 SILENT_S = 300.0  # silence after which a process counts as lost (a long compile holds the GIL)
 EXIT_LOST = 4
 _WATCH = "jaxmoe-watch"  # a peer's first line: _WATCH <process id>
+MAX_LINE = 512  # the longest line read from a socket
 
 _lock = threading.Lock()
 _conns: dict[int, socket.socket] = {}  # process id -> connection (process 0: every peer's)
@@ -65,7 +66,7 @@ def serve(n: int) -> tuple[int, Callable[[float], None]]:
                         conn, _ = listener.accept()
                     except OSError:
                         break
-                    words = _first_line(conn).split()
+                    words = read_line(conn, BEAT_S * 5).split()
                     if len(words) == 2 and words[0] == _WATCH and words[1].isdigit():
                         with _lock:
                             _conns[int(words[1])] = conn
@@ -109,16 +110,21 @@ def leave_at_exit() -> None:
     atexit.register(leave)
 
 
-def _first_line(conn: socket.socket) -> str:
-    conn.settimeout(BEAT_S * 5)
+def read_line(conn: socket.socket, timeout_s: float) -> str:
+    """One line (without its newline) within `timeout_s`; what came before EOF, an error or the
+    time limit otherwise."""
     data = b""
-    with contextlib.suppress(OSError):
-        while b"\n" not in data and len(data) < 256:
-            chunk = conn.recv(256)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while b"\n" not in data and len(data) < MAX_LINE:
+            conn.settimeout(max(deadline - time.monotonic(), 1e-3))
+            chunk = conn.recv(MAX_LINE)
             if not chunk:
                 break
             data += chunk
-    return data.partition(b"\n")[0].decode(errors="replace")
+    except OSError:  # includes the time limit
+        pass
+    return data.partition(b"\n")[0].decode(errors="replace").strip()
 
 
 def _watch(n: int) -> None:

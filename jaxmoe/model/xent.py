@@ -92,7 +92,7 @@ def _forward(x, w, targets, vocab_size, chunk_tokens):
     parts = jnp.zeros((split.parts if split else 1, *w.shape), jnp.float32)
     parts, (nll, dx) = jax.lax.scan(body, parts, (xs, ts))  # dx: [S/c, N, B, c, D]
     dx = jnp.moveaxis(dx, 0, 2).reshape(dx.shape[1], *x.shape)
-    dx = sum_parts(dx, RESIDUAL, by_vocab, param=False, spec=_input_spec(x.shape))
+    dx = sum_parts(dx, RESIDUAL, by_vocab, spec=_input_spec(x.shape))
     return jnp.sum(nll) / n, (dx, sum_parts(parts, HEAD, split).astype(w.dtype), targets)
 
 

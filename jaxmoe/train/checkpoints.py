@@ -87,13 +87,14 @@ class Checkpoints:
         self.meta["state"] = state_form(abstract_state)
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                self._check_form(self._read(step, meta=ocp.args.JsonRestore())["meta"])
-                restored = self._read(
+                written = self._read(step, meta=ocp.args.JsonRestore())["meta"]
+                self._check_form(written)  # before the arrays are read
+                arrays = self._read(
                     step,
                     state=ocp.args.StandardRestore(abstract_state),
                     data=ocp.args.JsonRestore(),
-                    meta=ocp.args.JsonRestore(),
                 )
+                restored = {"state": arrays["state"], "data": arrays["data"], "meta": written}
                 problem = _problem(restored)
             except ConfigError:
                 raise
