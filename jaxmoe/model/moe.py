@@ -107,6 +107,19 @@ def route(logits: jax.Array, cfg: ModelConfig, capacity: int) -> tuple[jax.Array
     return constrain(dispatch, SLOTS), constrain(combine, SLOTS), stats
 
 
+def group_and_route(
+    cfg: ModelConfig, x: jax.Array, router: jax.Array, router_axes=(Axis.EMBED, None)
+):
+    """x [B, S, D] -> (its tokens in routing groups [G, S, D], dispatch and combine
+    [G, S, E, C] from `route`, routing sums), with router weights [D, E]."""
+    b, s, d = x.shape
+    group = math.gcd(cfg.group_for(s), b * s)
+    xg = constrain(x.reshape(b * s // group, group, d), TOKENS)  # decoding: rows together
+    w = router.astype(jnp.float32)
+    logits = project("GSD,DE->GSE", xg.astype(jnp.float32), TOKENS, w, router_axes)
+    return xg, *route(constrain(logits, ROUTED), cfg, cfg.capacity_for(group))
+
+
 def limit_groups(scores: jax.Array, cfg: ModelConfig) -> jax.Array:
     """scores [G, S, E] with every expert outside a token's `router_group_top` best groups (by
     the sum of each group's two best scores) set to -1, below any score."""
@@ -222,15 +235,11 @@ class Moe(nnx.Module):
         """x: [B, S, D], rows first_row.. of the batch -> ([B, S, D], routing statistics)."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         b, s, d = x.shape
-        group = math.gcd(cfg.group_for(s), b * s)
-        xg = constrain(x.reshape(b * s // group, group, d), TOKENS)  # decoding: rows together
         with jax.named_scope("router"):
-            router = self.router[...].astype(jnp.float32)
-            logits = project(
-                "GSD,DE->GSE", xg.astype(jnp.float32), TOKENS, router, axes_of(self.router)
+            xg, dispatch, combine, stats = group_and_route(
+                cfg, x, self.router[...], axes_of(self.router)
             )
-            capacity = cfg.capacity_for(group)
-            dispatch, combine, stats = route(constrain(logits, ROUTED), cfg, capacity)
+        group, capacity = xg.shape[1], dispatch.shape[-1]
         hidden = (cfg.n_experts, xg.shape[0], capacity, cfg.expert_hidden)
         keep = self.dropout_mask(dropout_key, first_row * s // group, hidden)
         weights, axes = self.expert_weights()

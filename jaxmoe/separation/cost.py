@@ -156,14 +156,14 @@ def separated_bound(
     }
     tokens = run.rows * (1 if phase == "decode" else cfg.seq_len)
     size = sep.transfer_bytes(cfg, tokens)
-    slice_size = a // x  # attention devices per block of the crossing states
+    slice_size = a // sep.slices  # attention devices per block of the crossing states
     landing = range(0, a, slice_size)
     transfers = {
         "to_experts": hw.transfer_seconds(size, attention_devices, expert_devices),
         "to_attention": hw.transfer_seconds(size, expert_devices, landing),
         "fanout": max(
             (
-                hw.transfer_seconds(size / x, [d], range(d + 1, d + slice_size))
+                hw.transfer_seconds(size / sep.slices, [d], range(d + 1, d + slice_size))
                 for d in landing
                 if slice_size > 1
             ),

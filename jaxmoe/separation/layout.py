@@ -64,6 +64,14 @@ class Separation:
         return sizes[self.slice_axis] * sizes[self.heads_axis]
 
     @property
+    def slices(self) -> int:
+        """Blocks the crossing states are cut into on the attention side: one per expert device,
+        or a divisor of them once a replica group is lost (`separation.failover`), each block
+        then re-cut on its way."""
+        sizes = self.attention.axis_sizes
+        return sizes[self.replica_axis] * sizes[self.slice_axis]
+
+    @property
     def crossing_axes(self) -> tuple[str, str]:
         """The attention mesh's axes the crossing states are split over, by sequences."""
         return (self.replica_axis, self.slice_axis)
@@ -176,12 +184,10 @@ class Separation:
         x = self.experts.n_devices
         if n_devices is not None:
             self.check_devices(n_devices)
-        sizes = self.attention.axis_sizes
-        if sizes[self.replica_axis] * sizes[self.slice_axis] != x:
+        if x % self.slices:
             raise ConfigError(
                 f"{self.name}: the attention mesh must cut into {x} slices (one per expert "
-                f"device), not {sizes[self.replica_axis] * sizes[self.slice_axis]}; build it "
-                f"with meshes.ma_separation.separation"
+                f"device), not {self.slices}; build it with meshes.ma_separation.separation"
             )
         if not cfg.is_moe:
             raise ConfigError(

@@ -171,7 +171,7 @@ class Separated:
                 self._note(call, "attention", f"attend {i}.{m}", xs[m], f"experts {i - 1}.{m}")
                 h = self._move(h, self.at_experts, "to_experts", call)
                 key = None if keys is None else keys[i]
-                y, sums = prog.experts(params.experts[i], h, key, m * self.rows)
+                y, sums = self._experts(params.experts[i], h, key, m * self.rows)
                 self._note(call, "experts", f"experts {i}.{m}", y, f"attend {i}.{m}")
                 ys[m] = self._to_attention(y, call)
                 row.append(sums)
@@ -179,6 +179,11 @@ class Separated:
                     saved.append((i, m, x_in, y_in, h))
             stats.append(row)
         return xs, ys, stats
+
+    def _experts(self, state, h, key, first_row: int):
+        """One block's experts on what its attention sent (`at_experts`): (what goes back,
+        routing sums)."""
+        return self.programs.experts(state, h, key, first_row)
 
     def forward(
         self, params: sp.SepParams, tokens, *, timeline: Timeline | None = None, serial=False
