@@ -85,7 +85,8 @@ class LaidOut(Protocol):
         """Greedy generation's two phases, for `inference.generate`."""
 
     def trainer(self, tc: TrainConfig) -> Any:
-        """The `Trainer` interface: init, step, evaluate, abstract_state, batch_sharding."""
+        """The `Trainer` interface: init, step, evaluate, abstract_state, batch_sharding, and the
+        checkpoints' form every layout shares (abstract_saved, to_saved, from_saved)."""
 
     def explain(self, phase: Phase) -> dict:
         """Per parameter its logical axes, spec and bytes per device; the collectives; memory."""

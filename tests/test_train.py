@@ -61,8 +61,8 @@ def one_device_curve(tmp: Path) -> dict[int, float]:
 @pytest.mark.parametrize("strategy", list(meshes.LAYOUTS.values()), ids=list(meshes.LAYOUTS))
 def test_every_strategy_gives_the_same_loss_curve(strategy, tmp_path_factory):
     reference = one_device_curve(tmp_path_factory.getbasetemp())
-    if strategy.name == "ep16":  # the run the resumption tests read, saved at step 10 too
-        curve, _ = ep16_curve(tmp_path_factory.getbasetemp())
+    if strategy.name in SAVED_AT_10:  # runs the resumption tests read
+        curve, _ = saved_curve(tmp_path_factory.getbasetemp(), strategy.name)
     else:
         curve = run_in_process(strategy, tmp_path_factory.mktemp(strategy.name.replace(":", "-")))
     assert sorted(curve) == list(range(1, CURVE_STEPS + 1))
@@ -242,38 +242,54 @@ def write(path: Path, content: bytes) -> Path:
 
 
 def test_checkpoints_of_another_model_or_state_form_are_refused_and_kept(tmp_path):
-    """Another architecture, or a layout whose state has another form (ma_separation keeps its
-    two meshes' parameters apart), is one line; nothing in the workdir changes."""
+    """Another architecture, or a state of another form (here its recorded digest changed, as
+    ma_separation's checkpoints had before they were saved in the one-mesh form), is one line;
+    nothing in the workdir changes."""
     first = run(command(tmp_path, "--strategy=tp16", steps=3))
     assert first.returncode == 0, first.stderr
+    meta = tmp_path / "checkpoints" / "3" / "meta" / "metadata"
+    written = json.loads(meta.read_text())
+    meta.write_text(json.dumps(written | {"state": "0" * 16}))
     saved = digest(tmp_path)
     one_line_error(run(command(tmp_path, "--strategy=ma_separation")), "another form")
     one_line_error(run(command(tmp_path, "--strategy=tp16", "--set=d_ff=256")), "d_ff")
     assert digest(tmp_path) == saved  # every file as it was
 
 
+SAVED_AT_10 = ("ep16", "ma_separation")
+
+
 @functools.cache
-def ep16_curve(tmp: Path) -> tuple[dict[int, float], Path]:
-    """The 20-step ep16 run, checkpointed at step 10 too, and its workdir."""
-    workdir = tmp / "ep16_saved_at_10"
-    return run_in_process(meshes.get("ep16"), workdir, save_every=CURVE_STEPS // 2), workdir
+def saved_curve(tmp: Path, name: str) -> tuple[dict[int, float], Path]:
+    """The 20-step run under `name`, checkpointed at step 10 too, and its workdir."""
+    workdir = tmp / f"{name}_saved_at_10"
+    return run_in_process(meshes.get(name), workdir, save_every=CURVE_STEPS // 2), workdir
 
 
-@pytest.mark.parametrize("resume", ["tp8_pp2", "dp2_ep4"])
+@pytest.mark.parametrize(
+    ("written", "resume"),
+    [
+        ("ep16", "tp8_pp2"),
+        ("ep16", "dp2_ep4"),
+        ("ep16", "ma_separation"),
+        ("ma_separation", "ep16"),
+    ],
+)
 def test_a_checkpoint_resumes_under_another_layout_and_device_count(
-    resume, tmp_path, tmp_path_factory, caplog
+    written, resume, tmp_path, tmp_path_factory, caplog
 ):
-    """ep16's checkpoint of step 10 (16 devices) resumed under tp8_pp2 (16) or dp2_ep4 (8):
-    the arrays are read into the new shardings, the data streams go on where they were, and
-    steps 11 to 20 give ep16's uninterrupted losses (float32 sums in another order)."""
-    reference, saved = ep16_curve(tmp_path_factory.getbasetemp())
+    """A checkpoint of step 10 on 16 devices resumed under another layout (tp8_pp2, 16 devices;
+    dp2_ep4, 8; ma_separation's two meshes and back): the arrays are read into the new layout,
+    the data streams go on where they were, and steps 11 to 20 give the uninterrupted run's
+    losses (float32 sums in another order)."""
+    reference, saved = saved_curve(tmp_path_factory.getbasetemp(), written)
     shutil.copytree(saved, tmp_path, dirs_exist_ok=True)
     shutil.rmtree(tmp_path / "checkpoints" / str(CURVE_STEPS))
     with caplog.at_level("WARNING"):
         curve = run_in_process(meshes.get(resume), tmp_path)
     layout = meshes.get(resume)
     assert (
-        f"resuming step 10, written under ep16 on 16 devices, under {resume} on "
+        f"resuming step 10, written under {written} on 16 devices, under {resume} on "
         f"{layout.n_devices}" in caplog.text
     )
     assert sorted(curve) == list(range(1, CURVE_STEPS + 1))

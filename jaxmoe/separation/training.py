@@ -34,6 +34,7 @@ from jaxmoe.separation.balance import measure_pieces
 from jaxmoe.separation.layout import Separation
 from jaxmoe.separation.params import SepParams
 from jaxmoe.separation.runner import Separated
+from jaxmoe.separation.saved import SavedForm
 from jaxmoe.separation.timeline import Timeline
 from jaxmoe.sharding import with_shardings
 from jaxmoe.train import recipe
@@ -53,8 +54,8 @@ def _join(attention_side, experts) -> SepParams:
 
 
 class SeparatedTrainer:
-    """The `Trainer` interface (`init`, `step`, `evaluate`, `abstract_state`, `batch_sharding`)
-    for a separated layout."""
+    """The `Trainer` interface (`init`, `step`, `evaluate`, `abstract_state`, `batch_sharding`,
+    the checkpoints' form: `abstract_saved`, `to_saved`, `from_saved`) for a separated layout."""
 
     def __init__(
         self,
@@ -79,6 +80,7 @@ class SeparatedTrainer:
         opt = tuple(jax.eval_shape(tx.init, side) for side in _sides(abstract))
         opt = tuple(_abstract_state(o, side) for o, side in zip(opt, _sides(abstract), strict=True))
         self.abstract_state = (abstract, opt)
+        self._saved = SavedForm(cfg, sep, tc, self.devices)
         self.rebalancer = Rebalancer(tc.rebalance_every, tc.rebalance_threshold)
         self.balance = balance
         self.samples: list[Sample] = []
@@ -132,6 +134,18 @@ class SeparatedTrainer:
     def evaluate(self, params: SepParams, batch) -> float:
         batch = np.asarray(batch)
         return self.run.cross_entropy(params, batch[:, :-1], batch[:, 1:])
+
+    # ---- checkpoints, in the one-mesh layouts' form (`saved`) --------------------------------
+    @property
+    def abstract_saved(self):
+        return self._saved.abstract
+
+    def to_saved(self, state):
+        return self._saved.save(*state)
+
+    def from_saved(self, saved):
+        shardings = jax.tree.map(lambda a: a.sharding, self.abstract_state)
+        return jax.device_put(self._saved.restore(saved), shardings)
 
     # ---- pieces ----------------------------------------------------------------------------------
     def _apply(self, params, opt_state, grads, scale):

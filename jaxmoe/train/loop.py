@@ -143,7 +143,7 @@ class _Run:
         ckpt = self.ckpt
         trainer = strategy.lay_out(cfg, devices).trainer(tc)
         fits.check_memory(trainer.abstract_state)
-        fits.check_disk(opts.workdir, trainer.abstract_state)
+        fits.check_disk(opts.workdir, trainer.abstract_saved)
         rows = local_rows(cfg.batch)
         stream = dict(seq_len=cfg.seq_len, batch=cfg.batch, seed=tc.data_seed, rows=rows)
         held_out = RowStreams(valid_files, tokenizer, shuffle=False, repeat=False, **stream)
@@ -155,7 +155,7 @@ class _Run:
                 f"validation files {valid_files} give no batch of {cfg.seq_len} tokens"
             )
 
-        restored = ckpt.restore(trainer.abstract_state)
+        restored = ckpt.restore(trainer.abstract_saved)
         positions = None  # the row streams' saved positions, when they are of these rows
         if restored is None:
             start = 0
@@ -167,7 +167,7 @@ class _Run:
                     f"--steps {opts.steps}: {ckpt.directory} is already at step {start}; "
                     f"raise --steps to train further, or use another --workdir"
                 )
-            params, opt_state = restored.state
+            params, opt_state = trainer.from_saved(restored.state)
             saved = restored.workload
             notes = restored.notes
             if (saved.batch, saved.seq_len) == (cfg.batch, cfg.seq_len):
@@ -218,7 +218,8 @@ class _Run:
                     bar.set_postfix(loss=f"{last['loss']:.3f}")
                 done = step + 1 == opts.steps or stop.requested
                 if ckpt.manager.should_save(step + 1) or done:
-                    state, rows_state = (params, opt_state), {"rows": batches.get_state()}
+                    state = trainer.to_saved((params, opt_state))
+                    rows_state = {"rows": batches.get_state()}
                     ckpt.save(step + 1, state, rows_state, force=True)
                 if stop.requested:
                     raise TrainingInterrupted(self.stopped(step + 1))

@@ -43,6 +43,18 @@ class Trainer:
     def cfg(self) -> ModelConfig:
         return self.placement.cfg
 
+    # a checkpoint holds the state as it is: the form every one-mesh layout shares (a separated
+    # layout converts its own to it)
+    @property
+    def abstract_saved(self) -> tuple:
+        return self.abstract_state
+
+    def to_saved(self, state: tuple) -> tuple:
+        return state
+
+    def from_saved(self, saved: tuple) -> tuple:
+        return saved
+
 
 def batch_sharding(placement: Placement) -> NamedSharding:
     """Rows split over every device when they divide, else replicated (one process only)."""
