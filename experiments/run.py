@@ -256,21 +256,25 @@ def _run(args: argparse.Namespace) -> int:
         else:
             compare_cmd.run(args)
     except (ConfigError, TrainingFailed) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _failed(f"error: {err}", 2)
     except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+        return _failed(f"error: {err}", 3)
     except TrainingInterrupted as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 130
+        return _failed(f"error: {err}", 130)
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was lost; run the same command again", file=sys.stderr)
-        return 130
-    except Exception:
+        return _failed("error: interrupted; nothing was lost; run the same command again", 130)
+    except Exception as err:
         watch.hold_if_lost(LOSS_GRACE_S)  # a collective failed as a peer died: say that instead
+        watch.leave(failed=f"error: {type(err).__name__}: {err}")
         raise
     return 0
+
+
+def _failed(line: str, code: int) -> int:
+    """Say the error line; the other processes of a run stop with it (`watch.leave`)."""
+    print(line, file=sys.stderr)
+    watch.leave(failed=line)
+    return code
 
 
 if __name__ == "__main__":

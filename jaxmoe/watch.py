@@ -7,7 +7,8 @@ a beat every `BEAT_S` seconds: a connection that closes without a goodbye (the k
 killed process's sockets at once) or stays silent for `SILENT_S` seconds is a lost process.
 Process 0 tells the other peers, and every survivor prints one line naming the lost process and
 what to do (`on_loss` sets it: the training loop names the last checkpoint), then exits with
-`EXIT_LOST`. A process that ends normally says goodbye first (`leave`, at exit).
+`EXIT_LOST`. A process that ends normally says goodbye first (`leave`, at exit); one that
+stops on an error of its own says so (`leave(failed=...)`), and the others stop with its line.
 """
 
 from __future__ import annotations
@@ -88,15 +89,19 @@ def join(host: str, port: int, process_id: int, n: int, timeout_s: float) -> Non
     _begin(lambda: _watch(n))
 
 
-def leave() -> None:
-    """Say goodbye to every process watched (this one ends as it should)."""
+def leave(failed: str | None = None) -> None:
+    """Say goodbye to every process watched (this one ends as it should), or, with `failed`
+    (this process's error line), that it stopped on an error: the others then stop at once,
+    not when a collective of theirs times out."""
     _left.set()
     with _lock:
         conns = dict(_conns)
         _conns.clear()
+    said = "bye" if failed is None else "fail " + " ".join(failed.removeprefix("error: ").split())
+    said = said[: MAX_LINE - 1]
     for conn in conns.values():
         with contextlib.suppress(OSError):
-            conn.sendall(b"bye\n")
+            conn.sendall(f"{said}\n".encode())
             conn.close()
 
 
@@ -172,6 +177,8 @@ def _watch(n: int) -> None:
                         _conns.pop(pid, None)
                     conn.close()
                     break
+                if words and words[0] == "fail":
+                    _lose(pid, n, f"it stopped on an error: {line.decode(errors='replace')[5:]}")
                 if len(words) == 3 and words[0] == "lost" and words[1].isdigit():
                     _lose(int(words[1]), n, words[2])
 

@@ -178,3 +178,50 @@ def test_a_port_held_by_another_program():
         threading.Thread(target=answer_nonsense, daemon=True).start()
         with pytest.raises(ConfigError, match="is not process 0 of this run"):
             runtime._join(("127.0.0.1", port), 1, 2, f"127.0.0.1:{port}", 5.0)
+
+
+# the watch alone (no JAX): process 0 serves, the peer joins, one of them stops on an error
+WATCHER = """
+import sys, time
+from jaxmoe import watch
+if sys.argv[1] == "0":
+    port, begin = watch.serve(2)
+    print(port, flush=True)
+    begin(30)
+else:
+    watch.join("127.0.0.1", int(sys.argv[2]), 1, 2, 30)
+while not watch._conns:  # until the two are connected
+    time.sleep(0.05)
+time.sleep(0.5)
+if sys.argv[1] == sys.argv[-1]:  # the one that fails
+    print("error: the disk is full; free some space", file=sys.stderr)
+    watch.leave(failed="error: the disk is full; free some space")
+    sys.exit(2)
+time.sleep(60)  # waiting in a collective that will never end
+"""
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_process_stopping_on_its_own_error_stops_the_others_at_once(failing):
+    """A process that fails with its error line tells the others, which stop within seconds
+    with one line quoting it (exit 4), not when JAX's collective times out."""
+    first = subprocess.Popen(
+        [sys.executable, "-c", WATCHER, "0", str(failing)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    port = first.stdout.readline().strip()
+    peer = subprocess.Popen(
+        [sys.executable, "-c", WATCHER, "1", port, str(failing)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    t0 = time.monotonic()
+    procs = [first, peer]
+    errs = [p.communicate(timeout=30)[1] for p in procs]
+    assert time.monotonic() - t0 < 15
+    other = 1 - failing
+    assert procs[failing].returncode == 2 and procs[other].returncode == 4, errs
+    line = errs[other].strip().splitlines()[-1]
+    assert line == (
+        f"error: process {failing} of 2 is lost (it stopped on an error: the disk is full; "
+        f"free some space); the run cannot go on without it"
+    )
