@@ -294,17 +294,48 @@ class Moe(nnx.Module):
         def local(xg, dispatch, gates, *rest):
             keep, weights = (rest[0], rest[1:]) if dropout else (None, rest)
             with jax.named_scope("dispatch"):
-                xe = jnp.einsum("GSEC,GSD->EGCD", dispatch, xg)
+                token = jnp.argmax(dispatch, axis=1)  # [G, E, C]: the token in each slot
+                filled = jnp.max(dispatch, axis=1)  # [G, E, C]: whether one is
+                xe = _gathered(xg, token, filled)
             with jax.named_scope("experts"):
                 ye = self.experts(xe, keep, weights, axes, local=True)
             with jax.named_scope("combine"):
-                return jnp.einsum("EGCD,GSEC->GSD", ye, gates[..., None] * dispatch)
+                return _combined(ye, dispatch, gates, self.cfg.top_k)
 
         args = (xg, jax.lax.stop_gradient(dispatch), gates, *([keep] if dropout else []), *weights)
         args_axes = (TOKENS, COMBINE, GATES, *([HIDDEN] if dropout else []), *axes)
         out = (TOKENS, xg.shape)
         y = local_then_sum(local, args, args_axes, out, summed, vary=(0, 2))
         return constrain(y, TOKENS)
+
+
+def _gathered(xg: jax.Array, token: jax.Array, filled: jax.Array) -> jax.Array:
+    """Each slot's token [E, G, C, D] from xg [G, S, D], `token` and `filled` [G, E, C]: a
+    gather, where the one-hot einsum would multiply by S times the slots' zeros and ones (every
+    device repeats the dispatch in this region, so that cost counted once per device)."""
+    g, e, c = token.shape
+    rows = jnp.take_along_axis(xg, token.reshape(g, e * c, 1), axis=1)  # [G, E*C, D]
+    rows = rows.reshape(g, e, c, -1) * filled[..., None].astype(xg.dtype)
+    return jnp.transpose(rows, (1, 0, 2, 3))
+
+
+def _combined(ye: jax.Array, dispatch: jax.Array, gates: jax.Array, top_k: int) -> jax.Array:
+    """The tokens' outputs [G, S, D]: for each token, the outputs in ye [E, G, C, D] of the (at
+    most top_k) slots it fills (dispatch [G, S, E, C]) times its gate for their experts (gates
+    [G, S, E]), each gathered where the one-hot einsum would multiply by every slot."""
+    e, g, c, d = ye.shape
+    s = dispatch.shape[1]
+    rows = jnp.transpose(ye, (1, 0, 2, 3)).reshape(g, e * c, d)
+    rest = dispatch.reshape(g, s, e * c)
+    out = 0.0
+    for _ in range(top_k):
+        slot = jnp.argmax(rest, axis=-1)  # [G, S]
+        took = jnp.max(rest, axis=-1)  # 0 where the token fills no more slots here
+        rest = jnp.where(jax.nn.one_hot(slot, e * c, dtype=bool), 0, rest)
+        gate = jnp.take_along_axis(gates, (slot // c)[..., None], axis=2)[..., 0] * took
+        picked = jnp.take_along_axis(rows, slot[..., None], axis=1)  # [G, S, D]
+        out = out + picked * gate[..., None].astype(ye.dtype)
+    return out
 
 
 def _summed_axes(slots: tuple[int, ...], weights, weight_axes) -> tuple[str, ...]:
