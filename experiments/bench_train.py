@@ -1,15 +1,16 @@
-"""Training throughput and memory of every strategy, and of one device, on this machine.
+"""Training throughput and memory of every layout, and of one device, on this machine.
 
     python -m experiments.bench_train [--config bench_moe] [--steps 8] [--warmup 3] [--json PATH]
-        [--platform P] [--devices N]
+        [--strategies a,b] [--platform P] [--devices N]
 
-Each strategy runs in a fresh process (so its peak resident memory is its own) on the platform at
-hand (16 virtual CPU devices where there is no GPU) and the shipped C4 sample: `--warmup` steps
-(compiling included) then `--steps` timed steps, each blocked on. Reports the median step time
-and its tokens/s, the process's peak resident memory, the compiled program's memory per device
-(XLA's memory analysis, times the devices for the whole mesh), and each strategy's step time
-against one device's, measured in the same run. A benchmark, not a test: these machines are
-shared and noisy, so compare ratios within one run.
+Each layout (the registry's, ma_separation's two meshes and composed ones) runs in a fresh
+process (so its peak resident memory is its own) on the platform at hand (16 virtual CPU devices
+where there is no GPU) and the shipped C4 sample: `--warmup` steps (compiling included) then
+`--steps` timed steps, each blocked on. Reports the median step time and its tokens/s, the
+process's peak resident memory, the compiled program's memory per device (XLA's memory analysis,
+times the devices for the whole mesh; none for ma_separation, whose step is many programs), and
+each layout's step time against one device's, measured in the same run. A benchmark, not a test:
+these machines are shared and noisy, so compare ratios within one run.
 """
 
 import argparse
@@ -38,6 +39,10 @@ DEFAULT_STRATEGIES = (
     "heads_dims_4x4",
     "tp8_pp2",
     "tp8_pp2:experts_tp",
+    "ma_separation",
+    "dp2_ep8",
+    "fsdp4_tp4",
+    "dp2_tp4_pp2",
 )
 
 
@@ -55,20 +60,18 @@ def measure(
     from jaxmoe import data
     from jaxmoe.analysis.memory import memory_per_device
     from jaxmoe.config import ConfigError, with_overrides
-    from jaxmoe.sharding import check_divisible
     from jaxmoe.train.batches import RowStreams
     from jaxmoe.train.recipe import TrainConfig
-    from jaxmoe.train.steps import make_trainer
 
     cfg = with_overrides(named(config).replace(expert_dropout=0.1), assignments=sets)
     strategy = meshes.get(strategy_name)
     changed = []
     try:
-        check_divisible(cfg, strategy)
+        strategy.check(cfg)
     except ConfigError:
         changed = FALLBACK.get(strategy.name, [])
         cfg = with_overrides(cfg, assignments=changed)
-    trainer = make_trainer(cfg, strategy, devices[: strategy.n_devices], TrainConfig())
+    trainer = strategy.lay_out(cfg, devices[: strategy.n_devices]).trainer(TrainConfig())
     stream = RowStreams(
         data.c4_files(data.DEFAULT_TRAIN),
         data.load_tokenizer(),
@@ -81,7 +84,10 @@ def measure(
     )
     batches = [jax.device_put(next(stream), trainer.batch_sharding) for _ in range(warmup + steps)]
     params, opt_state = trainer.init()
-    compiled = trainer.step.lower(params, opt_state, batches[0], 0).compile()
+    compiled, memory = trainer.step, None  # a separated layout's step is many programs
+    if hasattr(trainer.step, "lower"):
+        compiled = trainer.step.lower(params, opt_state, batches[0], 0).compile()
+        memory = memory_per_device(compiled)["total"]
     times = []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
@@ -90,7 +96,6 @@ def measure(
         times.append(time.perf_counter() - t0)
     timed = times[warmup:]
     median = statistics.median(timed)
-    memory = memory_per_device(compiled)
     return {
         "strategy": strategy.name,
         "changed": changed,
@@ -100,8 +105,8 @@ def measure(
         "step_s_all": timed,
         "tokens_per_s": cfg.tokens / median,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "compiled_bytes_per_device": memory["total"],
-        "compiled_bytes_all_devices": memory["total"] * strategy.n_devices,
+        "compiled_bytes_per_device": memory,
+        "compiled_bytes_all_devices": None if memory is None else memory * strategy.n_devices,
         "final_loss": float(metrics["loss"]),
     }
 
@@ -148,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['tokens_per_s']:.0f}",
             f"{r['step_s_median'] / base['step_s_median']:.2f}x" if base else "-",
             human_bytes(r["peak_rss_bytes"]),
-            human_bytes(r["compiled_bytes_all_devices"]),
+            "-"
+            if r["compiled_bytes_all_devices"] is None
+            else human_bytes(r["compiled_bytes_all_devices"]),
         )
         for r in results
     ]

@@ -130,9 +130,9 @@ class Generation:
     dropped_choices: int
 
 
-def generate(dec: Decoder, params, prompt, steps: int) -> Generation:
-    """Greedy continuation of `prompt` [B, S]: the next `steps` tokens."""
-    cfg = dec.cfg
+def check_prompt(cfg: ModelConfig, prompt, steps: int) -> int:
+    """One-line ConfigError unless `prompt` [B, S] and `steps` new tokens fit cfg's batch and
+    sequence length; returns the prompt's length."""
     batch, length = np.shape(prompt)
     if batch != cfg.batch:
         raise ConfigError(f"prompt batch {batch} != batch={cfg.batch}; set batch={batch}")
@@ -141,6 +141,12 @@ def generate(dec: Decoder, params, prompt, steps: int) -> Generation:
             f"a {length}-token prompt and {steps} new tokens exceed seq_len={cfg.seq_len}; "
             f"set seq_len to at least {length + steps} or generate fewer tokens"
         )
+    return length
+
+
+def generate(dec: Decoder, params, prompt, steps: int) -> Generation:
+    """Greedy continuation of `prompt` [B, S]: the next `steps` tokens."""
+    length = check_prompt(dec.cfg, prompt, steps)
     logits, cache, dropped = dec.prefill(params, dec.put_tokens(prompt), dec.new_cache())
     out, drops = [], [dropped]
     for i in range(steps):

@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxmoe.config import ConfigError, ModelConfig
+from jaxmoe.inference import check_prompt
 from jaxmoe.separation import params as sp
 from jaxmoe.separation.degraded import Replaced, Shares, assemble, without_a_group
 from jaxmoe.separation.layout import Separation
@@ -103,14 +104,7 @@ class Server:
         """Greedy continuation of `prompt` [B, S] (the next `steps` tokens), carrying on
         through `failures`."""
         cfg = self.cfg
-        batch, length = np.shape(prompt)
-        if batch != cfg.batch:
-            raise ConfigError(f"prompt batch {batch} != batch={cfg.batch}; set batch={batch}")
-        if length + steps > cfg.seq_len:
-            raise ConfigError(
-                f"a {length}-token prompt and {steps} new tokens exceed seq_len={cfg.seq_len}; "
-                f"set seq_len to at least {length + steps} or generate fewer tokens"
-            )
+        length = check_prompt(cfg, prompt, steps)
         check(cfg, self.sep, len(self.devices), steps, failures)
         serving = _Serving(self)
         tokens = np.asarray(prompt, np.int32)
