@@ -6,7 +6,8 @@ sequence length, micro-batches, loss chunking), the layout and device count that
 digest of its state's form (every array's path, shape and dtype). It restores only into the
 same architecture; under another layout or device count whose state has the same form, orbax
 reads each array straight into the new layout's shardings (nothing gathers a whole model on one
-host), and that, like another workload, is a note. Orbax writes a step to a temporary directory
+host), and that, like another workload, is a note. Every layout saves the one-mesh form
+(ma_separation converts its two meshes' state to it and back: `separation.saved`). Orbax writes a step to a temporary directory
 and renames it when complete, so a run killed mid-save leaves the previous checkpoint intact.
 
 Restoring takes the newest step that reads back whole and finite. A step that does not (a data
