@@ -7,8 +7,9 @@ digest of its state's form (every array's path, shape and dtype). It restores on
 same architecture; under another layout or device count whose state has the same form, orbax
 reads each array straight into the new layout's shardings (nothing gathers a whole model on one
 host), and that, like another workload, is a note. Every layout saves the one-mesh form
-(ma_separation converts its two meshes' state to it and back: `separation.saved`). Orbax writes a step to a temporary directory
-and renames it when complete, so a run killed mid-save leaves the previous checkpoint intact.
+(ma_separation converts its two meshes' state to it and back: `separation.saved`). Orbax writes
+a step to a temporary directory and renames it when complete, so a run killed mid-save leaves
+the previous checkpoint intact.
 
 Restoring takes the newest step that reads back whole and finite. A step that does not (a data
 file, manifest or metadata missing or cut short, an unreadable data position, non-finite values)
