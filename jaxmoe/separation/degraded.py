@@ -51,7 +51,8 @@ class Shares:
 class Replaced(Separated):
     """A separated layout whose experts sit unevenly on the expert devices still alive
     (`Shares`). A block's expert parameters are (router on the first device, each device's
-    slice of the expert weights on it)."""
+    slice of the expert weights on it). The expert mesh it inherits (the lost device in it) is
+    never used: nothing is placed on it and none of its programs runs."""
 
     @classmethod
     def of(cls, run: Separated, shares: Shares) -> Replaced:
