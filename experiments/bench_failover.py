@@ -113,8 +113,7 @@ def restarts(cfg, sep, devices, state, prompt, tokens, failures) -> list[dict]:
 
 def bounds(cfg, sep, devices, hw, failures) -> list[dict]:
     """Decode bound of the full layout and after each failure in turn (nothing run)."""
-    from jaxmoe.separation import Separated
-    from jaxmoe.separation.degraded import Replaced, Shares, bound, without_a_group
+    from jaxmoe.separation.degraded import Shares, bound, laid, without_a_group
 
     a = sep.attention.n_devices
     attention, experts = list(devices[:a]), list(devices[a : sep.n_devices])
@@ -126,12 +125,8 @@ def bounds(cfg, sep, devices, hw, failures) -> list[dict]:
             sep = without_a_group(sep)
         elif f is not None:
             alive = [d for d in alive if d != devices[f.device]]
-        run = Separated(cfg, sep, attention + experts)
-        shares = Shares.even(cfg.n_experts, alive)
-        if alive != experts:
-            run = Replaced.of(run, shares)
-        b = bound(run, hw, "decode")
-        name = sep.name + ("" if alive == experts else f", {shares}")
+        b = bound(laid(cfg, sep, attention, experts, alive), hw, "decode")
+        name = sep.name + ("" if alive == experts else f", {Shares.even(cfg.n_experts, alive)}")
         rows.append({"layout": name, "decode_s": b.overlapped_s, "limit": b.limit})
     return rows
 

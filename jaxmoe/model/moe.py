@@ -196,12 +196,16 @@ class Moe(nnx.Module):
             out_axes=1,
         )(keys)
 
-    def expert_weights(self) -> tuple[tuple[jax.Array, ...], tuple]:
-        """(w_in, w_gate where gated, w_out) in the compute dtype, and their logical axes."""
-        names = (
+    @property
+    def expert_weight_names(self) -> tuple[str, ...]:
+        """w_in, w_gate where gated, w_out."""
+        return (
             ("w_in", "w_gate", "w_out") if self.cfg.expert_form == "swiglu" else ("w_in", "w_out")
         )
-        params = [getattr(self, n) for n in names]
+
+    def expert_weights(self) -> tuple[tuple[jax.Array, ...], tuple]:
+        """(w_in, w_gate where gated, w_out) in the compute dtype, and their logical axes."""
+        params = [getattr(self, n) for n in self.expert_weight_names]
         dt = self.cfg.compute_dtype
         return tuple(p[...].astype(dt) for p in params), tuple(axes_of(p) for p in params)
 

@@ -64,8 +64,9 @@ class Replaced(Separated):
         new.at_experts = SingleDeviceSharding(shares.devices[0])
         cfg, bounds, bits = run.cfg, shares.bounds, run.sep.transfer_bits
         moe = nnx.eval_shape(lambda: Moe(cfg, nnx.Rngs(0)))
-        names = _weight_names(cfg)
-        axes = tuple(tuple(getattr(moe, n).get_metadata()["out_sharding"]) for n in names)
+        new._names = moe.expert_weight_names
+        new._weights = [getattr(moe, n) for n in new._names]  # abstract: shapes and axes
+        axes = tuple(tuple(w.get_metadata()["out_sharding"]) for w in new._weights)
         dt = cfg.compute_dtype
 
         def route(router, h):
@@ -89,7 +90,7 @@ class Replaced(Separated):
         pure = nnx.to_pure_dict(host)
         first = self.shares.devices[0]
         weights = tuple(
-            tuple(jax.device_put(np.asarray(pure[n])[a:b], d) for n in _weight_names(self.cfg))
+            tuple(jax.device_put(np.asarray(pure[n])[a:b], d) for n in self._names)
             for d, (a, b) in zip(self.shares.devices, self.shares.bounds, strict=True)
         )
         return jax.device_put(np.asarray(pure["router"]), first), weights
@@ -109,7 +110,7 @@ class Replaced(Separated):
         ]
         return self._combine(parts, gates, jax.tree.leaves(h)[0].shape), stats
 
-    def experts_bound(self, hw: Hardware, phase: str) -> tuple[Bound, float]:
+    def experts_bound(self, hw: Hardware, phase: str) -> tuple[Bound, int]:
         """The bound of one block's experts on one micro-batch, as these programs run them: the
         routing on the first device, the busiest device's experts, the combine on the first
         (each program's compute and memory time added), and the slots sent from the first
@@ -127,7 +128,7 @@ class Replaced(Separated):
             on = SingleDeviceSharding(d)
             weights = [
                 jax.ShapeDtypeStruct((b - a, *w.shape[1:]), w.dtype, sharding=on)
-                for w in _weight_shapes(cfg)
+                for w in (w.get_value() for w in self._weights)
             ]
             x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on)
             runs.append(self._run.lower(x, weights).compile())
@@ -150,6 +151,15 @@ class Replaced(Separated):
         ), at[0]
 
 
+def laid(
+    cfg: ModelConfig, sep: Separation, attention: list, experts: list, alive: list
+) -> Separated:
+    """`cfg` with `sep`'s attention on the devices `attention` and its experts on `experts`, or,
+    where some of those are lost, unevenly on the ones `alive`."""
+    run = Separated(cfg, sep, attention + experts)
+    return run if alive == experts else Replaced.of(run, Shares.even(cfg.n_experts, alive))
+
+
 def bound(run: Separated, hw: Hardware, phase: str) -> cost.SeparatedBound:
     """A separated layout's bound (`cost.separated_bound`), experts placed unevenly or not."""
     if not isinstance(run, Replaced):
@@ -166,19 +176,6 @@ def bound(run: Separated, hw: Hardware, phase: str) -> cost.SeparatedBound:
     return dataclasses.replace(
         whole, pieces=whole.pieces | {"experts": experts}, transfer_s=transfers
     )
-
-
-def _weight_shapes(cfg: ModelConfig) -> list[jax.ShapeDtypeStruct]:
-    """The expert weights' shapes [E, D, F] (and the gate's) and [E, F, D]."""
-    e, d, f = cfg.n_experts, cfg.d_model, cfg.expert_hidden
-    up = jax.ShapeDtypeStruct((e, d, f), cfg.weight_dtype)
-    return [up] * (len(_weight_names(cfg)) - 1) + [
-        jax.ShapeDtypeStruct((e, f, d), cfg.weight_dtype)
-    ]
-
-
-def _weight_names(cfg: ModelConfig) -> tuple[str, ...]:
-    return ("w_in", "w_gate", "w_out") if cfg.expert_form == "swiglu" else ("w_in", "w_out")
 
 
 def without_a_group(sep: Separation) -> Separation:

@@ -39,7 +39,7 @@ from flax import nnx
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.inference import check_prompt
 from jaxmoe.separation import params as sp
-from jaxmoe.separation.degraded import Replaced, Shares, assemble, without_a_group
+from jaxmoe.separation.degraded import assemble, laid, without_a_group
 from jaxmoe.separation.layout import Separation
 from jaxmoe.separation.runner import Separated
 
@@ -94,10 +94,7 @@ class Server:
         experts = self.devices[self.sep.attention.n_devices :]
         key = (cfg, sep.name, tuple(attention), tuple(alive))
         if key not in self._layouts:
-            run = Separated(cfg, sep, attention + experts)
-            if alive != experts:
-                run = Replaced.of(run, Shares.even(cfg.n_experts, alive))
-            self._layouts[key] = run
+            self._layouts[key] = laid(cfg, sep, attention, experts, alive)
         return self._layouts[key]
 
     def generate(self, prompt, steps: int, failures: Sequence[Failure] = ()) -> Served:
@@ -265,8 +262,6 @@ def restart(run: Separated, checkpoint, abstract: nnx.State, so_far) -> tuple[np
     )
     with ocp.StandardCheckpointer() as reader:
         pure = reader.restore(checkpoint, target)
-    state = jax.tree.map(lambda a: a, abstract)
-    nnx.replace_by_pure_dict(state, pure)
-    logits, _, _ = run.extend(run.put(state), so_far, run.new_cache(), 0)
+    logits, _, _ = run.extend(run.put(sp.filled(abstract, pure)), so_far, run.new_cache(), 0)
     token = np.asarray(jnp.argmax(logits, axis=-1), np.int32)
     return token, time.perf_counter() - t0

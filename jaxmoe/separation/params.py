@@ -31,6 +31,16 @@ class SepParams(NamedTuple):
     attention: tuple[nnx.State, ...]  # per block: dense layers, norms, attention (padded heads)
     experts: tuple[nnx.State, ...]  # per block: router and experts (expert mesh)
 
+    @property
+    def sides(self) -> tuple:
+        """(the attention mesh's pieces (outer, attention), the expert mesh's)."""
+        return (self.outer, self.attention), self.experts
+
+    @classmethod
+    def of_sides(cls, attention_side, experts) -> SepParams:
+        outer, attention = attention_side
+        return cls(outer, attention, experts)
+
 
 @dataclasses.dataclass(frozen=True)
 class Parts:
@@ -50,7 +60,7 @@ def parts(cfg: ModelConfig, sep: Separation) -> Parts:
     return Parts(nnx.split(model), nnx.split(block), nnx.split(experts))
 
 
-def _filled(abstract: nnx.State, pure: dict) -> nnx.State:
+def filled(abstract: nnx.State, pure: dict) -> nnx.State:
     state = jax.tree.map(lambda a: a, abstract)  # a fresh copy to fill
     nnx.replace_by_pure_dict(state, pure)
     return state
@@ -81,9 +91,9 @@ def split(state: nnx.State, cfg: ModelConfig, sep: Separation, pieces: Parts) ->
     attention, experts = [], []
     for i in range(cfg.n_blocks):
         block = jax.tree.map(lambda a, i=i: a[i], pure["blocks"])
-        experts.append(_filled(pieces.experts[1], block["moe"].pop("moe")))
-        attention.append(_filled(pieces.attention[1], _map_heads(block, pad)))
-    outer = _filled(pieces.outer[1], {k: pure[k] for k in OUTER})
+        experts.append(filled(pieces.experts[1], block["moe"].pop("moe")))
+        attention.append(filled(pieces.attention[1], _map_heads(block, pad)))
+    outer = filled(pieces.outer[1], {k: pure[k] for k in OUTER})
     return SepParams(outer, tuple(attention), tuple(experts))
 
 
@@ -98,4 +108,4 @@ def join(params: SepParams, cfg: ModelConfig, sep: Separation, abstract: nnx.Sta
         block["moe"]["moe"] = nnx.to_pure_dict(experts)
         blocks.append(block)
     pure = nnx.to_pure_dict(host.outer) | {"blocks": jax.tree.map(lambda *a: np.stack(a), *blocks)}
-    return _filled(abstract, pure)
+    return filled(abstract, pure)

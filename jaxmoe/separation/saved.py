@@ -47,14 +47,11 @@ class SavedForm:
         opt = jax.eval_shape(recipe.optimizer(tc).init, self.model)
         self.abstract = jax.tree.map(spread, (self.model, opt))
 
-    def _join(self, attention_side, experts) -> nnx.State:
-        outer, attention = attention_side
-        params = sp.SepParams(outer, attention, experts)
+    def _join(self, params: sp.SepParams) -> nnx.State:
         return sp.join(params, self.cfg, self.sep, self.model)
 
-    def _cut(self, state: nnx.State) -> tuple:
-        p = sp.split(state, self.cfg, self.sep, self.pieces)
-        return (p.outer, p.attention), p.experts
+    def _cut(self, state: nnx.State) -> sp.SepParams:
+        return sp.split(state, self.cfg, self.sep, self.pieces)
 
     def save(self, params: sp.SepParams, opt_state: tuple) -> tuple:
         """The separated state (parameters, (attention mesh's AdamW state, expert mesh's)) in
@@ -62,14 +59,13 @@ class SavedForm:
 
         def merge(a, b):
             if jax.tree.structure(a) == self._side_tree:
-                return self._join(a, b)
+                return self._join(sp.SepParams.of_sides(a, b))
             if isinstance(a, tuple):
                 kids = [merge(x, y) for x, y in zip(a, b, strict=True)]
                 return type(a)(*kids) if hasattr(a, "_fields") else tuple(kids)
             return np.asarray(a)  # a step count: the same on both meshes
 
-        params = self._join((params.outer, params.attention), params.experts)
-        return params, (optax.EmptyState(), merge(*opt_state))
+        return self._join(params), (optax.EmptyState(), merge(*opt_state))
 
     def restore(self, saved: tuple) -> tuple:
         """The one-mesh form back as (separated parameters, the two meshes' AdamW states), on
@@ -77,7 +73,7 @@ class SavedForm:
 
         def cut(x):
             if jax.tree.structure(x) == self._model_tree:
-                return self._cut(x)
+                return self._cut(x).sides
             if isinstance(x, tuple):
                 pairs = [cut(k) for k in x]
                 make = (lambda *k: type(x)(*k)) if hasattr(x, "_fields") else (lambda *k: k)
@@ -85,5 +81,4 @@ class SavedForm:
             return x, x
 
         state, (_, adamw) = saved
-        attention_side, experts = self._cut(state)
-        return sp.SepParams(*attention_side, experts), cut(adamw)
+        return self._cut(state), cut(adamw)

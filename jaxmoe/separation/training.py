@@ -43,16 +43,6 @@ from jaxmoe.train.steps import FINITE, all_finite, keep_unless, like_params
 MICRO_BATCH_OPTIONS = (1, 2, 4, 8)
 
 
-def _sides(params: SepParams) -> tuple:
-    """(attention mesh's parameters, expert mesh's)."""
-    return (params.outer, params.attention), params.experts
-
-
-def _join(attention_side, experts) -> SepParams:
-    outer, attention = attention_side
-    return SepParams(outer, attention, experts)
-
-
 class SeparatedTrainer:
     """The `Trainer` interface (`init`, `step`, `evaluate`, `abstract_state`, `batch_sharding`,
     the checkpoints' form: `abstract_saved`, `to_saved`, `from_saved`) for a separated layout."""
@@ -77,8 +67,8 @@ class SeparatedTrainer:
         self.update = jax.jit(self._apply, donate_argnums=(0, 1))  # one mesh's update
         self._norm_sq = jax.jit(lambda g: sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g)))
         abstract = self.run.abstract_params()
-        opt = tuple(jax.eval_shape(tx.init, side) for side in _sides(abstract))
-        opt = tuple(_abstract_state(o, side) for o, side in zip(opt, _sides(abstract), strict=True))
+        opt = tuple(jax.eval_shape(tx.init, side) for side in abstract.sides)
+        opt = tuple(_abstract_state(o, side) for o, side in zip(opt, abstract.sides, strict=True))
         self.abstract_state = (abstract, opt)
         self._saved = SavedForm(cfg, sep, tc, self.devices)
         self.rebalancer = Rebalancer(tc.rebalance_every, tc.rebalance_threshold)
@@ -90,7 +80,7 @@ class SeparatedTrainer:
     def init(self):
         state = nnx.split(Transformer(self.cfg, nnx.Rngs(self.tc.seed)))[1]
         params = self.run.put(state)
-        opt = tuple(self._tx.init(side) for side in _sides(params))
+        opt = tuple(self._tx.init(side) for side in params.sides)
         if self.balance:
             self._choose_micro_batches(params)
         return params, opt
@@ -104,16 +94,16 @@ class SeparatedTrainer:
             metrics, grads, _ = self.run.loss_and_grads(
                 params, batch[:, :-1], batch[:, 1:], key, timeline
             )
-        norm = math.sqrt(sum(float(self._norm_sq(side)) for side in _sides(grads)))
+        norm = math.sqrt(sum(float(self._norm_sq(side)) for side in grads.sides))
         finite = math.isfinite(norm) and math.isfinite(float(metrics["loss"]))
         if finite:  # else the state stays as it was and the step reports it
             scale = self.tc.grad_clip / max(norm, self.tc.grad_clip)
             sides = [
                 self.update(p, o, g, scale)
-                for p, o, g in zip(_sides(params), opt_state, _sides(grads), strict=True)
+                for p, o, g in zip(params.sides, opt_state, grads.sides, strict=True)
             ]
             finite = all(bool(ok) for _, _, ok in sides)
-            params = _join(sides[0][0], sides[1][0])
+            params = SepParams.of_sides(sides[0][0], sides[1][0])
             opt_state = (sides[0][1], sides[1][1])
         busy = timeline.overlap().busy_s
         metrics |= {
