@@ -18,6 +18,7 @@ import jax.numpy as jnp
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 EXPERT_FORMS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
+RECOMPUTE = ("none", "dots", "full")
 ROUTER_SCORES = ("softmax", "sigmoid")
 VOCAB_MULTIPLE = 128
 MAX_INT = 2**31 - 1  # array sizes and seeds are 32-bit in XLA, jax.random.key and numpy
@@ -166,9 +167,14 @@ class Workload:
     """What a model is run on: `batch` sequences of `seq_len` tokens, `micro_batches` (a
     pipeline's, ma_separation's ping-pong), `loss_chunk_tokens` (tokens per chunk of the fused
     LM head in the training loss), `decode_group_size` (tokens routed together in a decode
-    step: see `ModelConfig.decode_group`) and `moe_chunks` (a layer whose tokens go to the
+    step: see `ModelConfig.decode_group`), `moe_chunks` (a layer whose tokens go to the
     experts by all-to-all sends each expert's capacity slots in this many chunks, so one
-    chunk's all-to-alls can run while the experts compute another; at most the capacity)."""
+    chunk's all-to-alls can run while the experts compute another; at most the capacity) and
+    `recompute` (what a training step's backward pass computes again rather than holding from
+    the forward pass, block by block: "none" holds every value; "dots" holds the matrix
+    products' results and recomputes the rest, norms, activations, routing masks, gathers,
+    for no more FLOPs or traffic; "full" holds only each block's input and runs the block's
+    forward pass again, a third more FLOPs and its collectives sent again)."""
 
     batch: int = 16
     seq_len: int = 64
@@ -176,6 +182,7 @@ class Workload:
     loss_chunk_tokens: int = 512
     decode_group_size: int = 0  # 0 = a micro-batch's new tokens
     moe_chunks: int = 1  # an all-to-all MoE layer's slots in this many chunks, to overlap
+    recompute: Literal["none", "dots", "full"] = "dots"  # in the backward pass: see above
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -305,8 +312,10 @@ def validate(cfg: ModelConfig) -> None:
 def validate_workload(work: Workload) -> None:
     if work.decode_group_size < 0:
         fail("decode_group_size", work.decode_group_size, "must be >= 0", "use 0 (a micro-batch)")
+    if work.recompute not in RECOMPUTE:
+        fail("recompute", work.recompute, "unknown choice", f"choose one of {RECOMPUTE}")
     for f in dataclasses.fields(Workload):
-        if f.name != "decode_group_size" and getattr(work, f.name) < 1:
+        if f.name not in ("decode_group_size", "recompute") and getattr(work, f.name) < 1:
             fail(f.name, getattr(work, f.name), "must be a positive integer", "set it to 1 or more")
     if work.seq_len < 2:
         fail("seq_len", work.seq_len, "must be at least 2", "set seq_len=2 or more")

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxmoe.axes import Axis
@@ -317,6 +318,16 @@ def constrain(x: jax.Array, logical: Sequence[Axis | None]) -> jax.Array:
     mesh, strategy = layout
     spec = strategy.spec(logical, shape=x.shape)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+SENT = "sent"
+
+
+def sent(x: jax.Array) -> jax.Array:
+    """x, named as a value that crossed devices on its way here (an all-to-all the partitioner
+    places at a constraint): a backward pass that recomputes the forward pass's values holds
+    it, rather than sending it again."""
+    return checkpoint_name(x, SENT)
 
 
 # ---- parameters ---------------------------------------------------------------------------

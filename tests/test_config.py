@@ -35,6 +35,7 @@ from jaxmoe.sharding import check_divisible
         ({"seq_len": 1}, "seq_len"),
         ({"decode_group_size": -1}, "decode_group_size"),
         ({"moe_chunks": 0}, "moe_chunks"),
+        ({"recompute": "some"}, "recompute"),
     ],
 )
 def test_invalid_fields_are_named(changes, field):

@@ -40,7 +40,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.model.mlp import Mlp
 from jaxmoe.model.params import axes_of, weight
 from jaxmoe.partial_sums import local_then_sum, mesh_axes_of, project
-from jaxmoe.sharding import active_layout, constrain
+from jaxmoe.sharding import active_layout, constrain, sent
 
 TOKENS = (Axis.GROUP, None, Axis.EMBED)  # [G, S, D]
 AT_EXPERTS = (Axis.EXPERT, Axis.GROUP, Axis.CAPACITY, Axis.EMBED)  # [E, G, C, D]
@@ -277,11 +277,11 @@ class Moe(nnx.Module):
         with jax.named_scope("dispatch"):
             # each group's slots where the group is, then to the experts: one all-to-all
             xe = constrain(jnp.einsum("GSEC,GSD->GECD", dispatch, xg), AT_GROUPS)
-            xe = constrain(jnp.transpose(xe, (1, 0, 2, 3)), AT_EXPERTS)
+            xe = sent(constrain(jnp.transpose(xe, (1, 0, 2, 3)), AT_EXPERTS))
         with jax.named_scope("experts"):
             ye = self.experts(xe, keep, weights, axes)
         with jax.named_scope("combine"):
-            ye = constrain(jnp.transpose(ye, (1, 0, 2, 3)), AT_GROUPS)
+            ye = sent(constrain(jnp.transpose(ye, (1, 0, 2, 3)), AT_GROUPS))
             return constrain(jnp.einsum("GECD,GSEC->GSD", ye, combine), TOKENS)
 
     def _summed_once(self, xg, dispatch, combine, keep, weights, axes, summed) -> jax.Array:

@@ -28,7 +28,7 @@ from jaxmoe.model.moe import Moe, dropped_choices, router_metrics
 from jaxmoe.model.params import RMSNorm, weight
 from jaxmoe.model.xent import PADDING, cross_entropy
 from jaxmoe.partial_sums import lookup
-from jaxmoe.sharding import constrain, run_layers, scan_layers
+from jaxmoe.sharding import SENT, constrain, run_layers, scan_layers
 
 
 def attention(cfg: ModelConfig, rngs: nnx.Rngs) -> Attention | LatentAttention:
@@ -158,6 +158,35 @@ def layer_windows(cfg: ModelConfig) -> tuple[jax.Array | None, jax.Array | None]
     return every[: cfg.first_dense], every[cfg.first_dense :].reshape(cfg.n_blocks, -1)
 
 
+# what "dots" holds: matrix products' results and what a collective sent (recomputing those
+# would send them again)
+HELD = {
+    "dot_general",
+    "psum",
+    "psum_invariant",
+    "all_gather",
+    "all_to_all",
+    "reduce_scatter",
+    "ppermute",
+}
+POLICIES = {
+    "dots": lambda prim, *_, **params: prim.name in HELD or params.get("name") == SENT,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def recomputed(cfg: ModelConfig):
+    """A block's step, its backward pass recomputing what `cfg.recompute` says (a forward pass
+    without gradients runs it as it is)."""
+
+    def wrap(step):
+        if cfg.recompute == "none":
+            return step
+        return jax.checkpoint(step, policy=POLICIES[cfg.recompute])
+
+    return wrap
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -226,6 +255,7 @@ class Transformer(nnx.Module):
         graphdef, block_state = nnx.split(self.blocks)
         keys = None if dropout_key is None else jax.random.split(dropout_key, cfg.n_blocks)
 
+        @recomputed(cfg)
         def step(x, per_block, block_cache, first_row):
             state, key, window = per_block
             return nnx.merge(graphdef, state)(x, key, block_cache, pos, first_row, window)
@@ -240,6 +270,7 @@ class Transformer(nnx.Module):
         """The dense layers before the blocks: a plain scan on every device (never pipelined)."""
         graphdef, state = nnx.split(self.first)
 
+        @recomputed(self.cfg)
         def step(x, per_layer, layer_cache, _):
             state, window = per_layer
             layer = nnx.merge(graphdef, state)
