@@ -13,9 +13,7 @@ from tiny import loss_grads, tiny
 import meshes
 from jaxmoe.analysis.collectives import inventory
 from jaxmoe.analysis.flops import matmul_flops
-from jaxmoe.train.recipe import TrainConfig
-
-CHOICES = ("none", "dots", "full")
+from jaxmoe.config import RECOMPUTE
 
 
 @functools.cache
@@ -23,12 +21,7 @@ def compiled_step(name: str, recompute: str) -> tuple[int, float, int]:
     """(temporaries per device, matmul FLOPs per device, bytes sent per device) of the step."""
     cfg = tiny(True, n_layers=4, recompute=recompute)
     layout = meshes.get(name)
-    trainer = layout.lay_out(cfg, jax.devices()[: layout.n_devices]).trainer(TrainConfig())
-    params, opt = trainer.abstract_state
-    batch = jax.ShapeDtypeStruct(
-        (cfg.batch, cfg.seq_len + 1), np.int32, sharding=trainer.batch_sharding
-    )
-    step = trainer.step.lower(params, opt, batch, 0).compile()
+    _, step = layout.lay_out(cfg, jax.devices()[: layout.n_devices]).compile_train_step()
     text = step.as_text()
     sent = inventory(text, dict(layout.mesh_shape)).total_bytes()
     return step.memory_analysis().temp_size_in_bytes, matmul_flops(text), sent
@@ -38,7 +31,7 @@ def compiled_step(name: str, recompute: str) -> tuple[int, float, int]:
 def test_recomputing_holds_less_for_the_same_work(name, held):
     """`held`: whether the memory is read too (ep16's tiny blocks hold little beside the loss's
     temporaries; its case is there for its all-to-alls, which must not run twice)."""
-    none, dots, full = (compiled_step(name, r) for r in CHOICES)
+    none, dots, full = (compiled_step(name, r) for r in RECOMPUTE)
     assert dots[1] == pytest.approx(none[1], rel=0.01)  # no matmul runs twice
     assert dots[2] == pytest.approx(none[2], rel=0.01)  # nothing is sent twice
     assert full[1] > 1.1 * none[1]  # the blocks' forward matmuls again
@@ -51,7 +44,7 @@ def test_recomputing_holds_less_for_the_same_work(name, held):
 def test_every_choice_gives_the_same_loss_and_gradients(name):
     layout = meshes.get(name)
     (loss, grads), *others = (
-        loss_grads(tiny(True, recompute=r), layout, dropout=True) for r in CHOICES
+        loss_grads(tiny(True, recompute=r), layout, dropout=True) for r in RECOMPUTE
     )
     scale = max(float(np.max(np.abs(g))) for g in grads)
     for other_loss, other_grads in others:
