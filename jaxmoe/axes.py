@@ -9,6 +9,7 @@ Dimension letters (einsum strings, shape comments and spec names use these and n
     X an expert's slots over all its groups (G and C merged: G*C)
     J key-value heads (grouped-query attention: H = J x the query heads per group)
     R a compressed (latent) width: multi-head latent attention's key-value or query rank
+    P a token's routing choices (top_k of them)
 
 Model code names these logical axes only; a strategy (``meshes/``) maps each one to mesh axes.
 """

@@ -67,12 +67,17 @@ def test_ep16_dense_layers_move_nothing():
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_tp16_megatron_all_reduces(moe):
     cfg = tiny(moe)
-    _, _, inv, counts = layer_counts(cfg, meshes.get("tp16"))
+    _, compiled, inv, counts = layer_counts(cfg, meshes.get("tp16"))
     reductions = counts["all-reduce"] + counts["reduce-scatter"]
     assert reductions == 2
     assert counts["all-gather"] == counts["reduce-scatter"]  # a split all-reduce comes in pairs
     assert counts["all-to-all"] == 0
     assert all(c.axes == ("tensor",) for c in inv.collectives if c.loop_depth)
+    if moe:  # the routing reaches the experts as indices: no one-hot mask [G, S, E, C]
+        group = math.gcd(cfg.group_for(cfg.seq_len), cfg.batch * cfg.seq_len)
+        mask = (cfg.batch * cfg.seq_len // group, group, cfg.n_experts, cfg.capacity_for(group))
+        shapes = set(SHAPE.findall(compiled.as_text()))
+        assert ",".join(map(str, mask)) not in shapes
 
 
 def test_heads_dims_attention_is_sliced_16_ways_and_moves_no_scores():

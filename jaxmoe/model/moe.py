@@ -14,7 +14,8 @@ experts and the returning one [G, E, C, D] by groups, so a strategy that maps ex
 to the same mesh axis gets exactly one all-to-all each way. A strategy that keeps the tokens
 where they are and splits the experts or their width over mesh axes (tp, heads x dims, experts
 over tp) runs dispatch, experts and combine on each device's experts and width, all linear
-after the activation, and sums the tokens' outputs [G, S, D] once over those axes
+after the activation, as gathers by the routing choices' indices (no one-hot masks: every
+device there repeats the routing), and sums the tokens' outputs [G, S, D] once over those axes
 (`local_then_sum`): Megatron's one all-reduce of the tokens, where XLA's partitioner would
 all-reduce the expert outputs [E, G, C, D] (k x capacity_factor times the tokens' bytes) before
 the combine, over each axis in turn.
@@ -30,6 +31,7 @@ every token passes through beside its routed experts.
 """
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +42,7 @@ from jaxmoe.config import ModelConfig
 from jaxmoe.model.mlp import Mlp
 from jaxmoe.model.params import axes_of, weight
 from jaxmoe.partial_sums import local_then_sum, mesh_axes_of, project
-from jaxmoe.sharding import active_layout, constrain, sent
+from jaxmoe.sharding import active_layout, constrain, part_axes, sent
 
 TOKENS = (Axis.GROUP, None, Axis.EMBED)  # [G, S, D]
 AT_EXPERTS = (Axis.EXPERT, Axis.GROUP, Axis.CAPACITY, Axis.EMBED)  # [E, G, C, D]
@@ -48,9 +50,8 @@ HIDDEN = (Axis.EXPERT, Axis.GROUP, Axis.CAPACITY, Axis.EXPERT_MLP)  # [E, G, C, 
 SLOTS_IN = (Axis.EXPERT, Axis.GROUP, Axis.EMBED)  # an expert's slots [E, X, D], split as G
 SLOTS_HIDDEN = (Axis.EXPERT, Axis.GROUP, Axis.EXPERT_MLP)  # [E, X, F]
 AT_GROUPS = (Axis.GROUP, Axis.EXPERT, Axis.CAPACITY, Axis.EMBED)  # [G, E, C, D]
-ROUTED = (Axis.GROUP, None, None)  # router logits, probabilities, choices: [G, S, E]
+ROUTED = (Axis.GROUP, None, None)  # router logits, probabilities [G, S, E]; choices [G, S, P]
 SLOTS = (Axis.GROUP, None, None, None)  # dispatch and combine masks: [G, S, E, C]
-GATES = (Axis.GROUP, None, Axis.EXPERT)  # each token's gate per expert [G, S, E]
 COMBINE = (
     Axis.GROUP,
     None,
@@ -59,12 +60,18 @@ COMBINE = (
 )  # combine weights met by expert outputs: [G, S, E, C]
 
 
-def route(logits: jax.Array, cfg: ModelConfig, capacity: int) -> tuple[jax.Array, jax.Array, dict]:
-    """Top-k routing with capacity.
+class Choices(NamedTuple):
+    """Each token's top-k choices [G, S, P]: the expert, its slot in the expert's capacity (C
+    where over capacity: dropped) and the gate (0 where dropped)."""
 
-    logits: [G, S, E] float32. Returns dispatch [G, S, E, C] (0/1), combine [G, S, E, C] (gate
-    weights) and token sums for `router_metrics`.
-    """
+    expert: jax.Array
+    slot: jax.Array
+    gate: jax.Array
+
+
+def choose(logits: jax.Array, cfg: ModelConfig, capacity: int) -> tuple[Choices, dict]:
+    """Top-k routing with capacity: logits [G, S, E] float32 -> each token's `Choices` and
+    token sums for `router_metrics`."""
     n_experts, top_k = logits.shape[-1], cfg.top_k
     if cfg.router_score == "sigmoid":
         scores = constrain(jax.nn.sigmoid(logits), ROUTED)
@@ -72,10 +79,10 @@ def route(logits: jax.Array, cfg: ModelConfig, capacity: int) -> tuple[jax.Array
     else:
         scores = probs = constrain(jax.nn.softmax(logits, axis=-1), ROUTED)  # [G, S, E]
     remaining = scores if not cfg.router_groups else limit_groups(scores, cfg)
-    picks, gates = [], []
+    experts, picks, gates = [], [], []
     for _ in range(top_k):
-        onehot = jax.nn.one_hot(jnp.argmax(remaining, axis=-1), n_experts)  # [G, S, E]
-        onehot = constrain(onehot, ROUTED)
+        experts.append(jnp.argmax(remaining, axis=-1).astype(jnp.int32))  # [G, S]
+        onehot = constrain(jax.nn.one_hot(experts[-1], n_experts), ROUTED)  # [G, S, E]
         picks.append(onehot)
         gates.append(jnp.sum(scores * onehot, axis=-1))  # [G, S]
         remaining = jnp.where(onehot > 0, -1.0, remaining)
@@ -85,16 +92,15 @@ def route(logits: jax.Array, cfg: ModelConfig, capacity: int) -> tuple[jax.Array
     gates = [g * cfg.routed_scale for g in gates]
 
     filled = jnp.zeros(logits.shape[:1] + logits.shape[2:])  # [G, E] slots taken so far
-    dispatch = combine = 0.0
-    kept = 0.0
-    for onehot, gate in zip(picks, gates, strict=True):
+    slots, kept = [], 0.0
+    for j, onehot in enumerate(picks):
         position = jnp.cumsum(onehot, axis=1) - onehot + filled[:, None, :]  # [G, S, E]
-        keep = onehot * (position < capacity)
-        slot = jax.nn.one_hot(position.astype(jnp.int32), capacity) * keep[..., None]
-        dispatch = dispatch + slot  # [G, S, E, C]
-        combine = combine + gate[..., None, None] * slot
+        slot = jnp.sum(position * onehot, axis=-1)  # [G, S]: its place at its expert
+        keep = slot < capacity
+        slots.append(jnp.where(keep, slot, capacity).astype(jnp.int32))
+        gates[j] = jnp.where(keep, gates[j], 0.0)
         filled = filled + jnp.sum(onehot, axis=1)
-        kept = kept + jnp.sum(keep)
+        kept = kept + jnp.sum(keep.astype(jnp.float32))
 
     assigned = jnp.sum(sum(picks), axis=(0, 1))  # [E] choices made per expert
     stats = {  # sums over tokens, so micro-batches add up to the whole batch
@@ -104,20 +110,40 @@ def route(logits: jax.Array, cfg: ModelConfig, capacity: int) -> tuple[jax.Array
         "prob_sum": jnp.sum(probs, axis=(0, 1)),  # [E]
         "z_sum": jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2),
     }
-    return constrain(dispatch, SLOTS), constrain(combine, SLOTS), stats
+    choices = Choices(*(constrain(jnp.stack(a, axis=-1), ROUTED) for a in (experts, slots, gates)))
+    return choices, stats
+
+
+def masks(choices: Choices, n_experts: int, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """The dispatch [G, S, E, C] (0/1) and combine (gate weights) one-hot masks of `choices`."""
+    picks = choices.expert.shape[-1]
+    dispatch = combine = 0.0
+    for j in range(picks):
+        at = jax.nn.one_hot(choices.expert[..., j], n_experts)[..., None]  # [G, S, E, 1]
+        slot = at * jax.nn.one_hot(choices.slot[..., j], capacity)[..., None, :]  # C: none
+        dispatch = dispatch + slot
+        combine = combine + choices.gate[..., j, None, None] * slot
+    return constrain(dispatch, SLOTS), constrain(combine, SLOTS)
+
+
+def route(logits: jax.Array, cfg: ModelConfig, capacity: int) -> tuple[jax.Array, jax.Array, dict]:
+    """Top-k routing with capacity as masks: logits [G, S, E] float32 -> dispatch and combine
+    [G, S, E, C] (`masks`) and token sums for `router_metrics`."""
+    choices, stats = choose(logits, cfg, capacity)
+    return *masks(choices, logits.shape[-1], capacity), stats
 
 
 def group_and_route(
     cfg: ModelConfig, x: jax.Array, router: jax.Array, router_axes=(Axis.EMBED, None)
-):
-    """x [B, S, D] -> (its tokens in routing groups [G, S, D], dispatch and combine
-    [G, S, E, C] from `route`, routing sums), with router weights [D, E]."""
+) -> tuple[jax.Array, Choices, dict]:
+    """x [B, S, D] -> (its tokens in routing groups [G, S, D], their `Choices` and routing
+    sums, from `choose`), with router weights [D, E]."""
     b, s, d = x.shape
     group = math.gcd(cfg.group_for(s), b * s)
     xg = constrain(x.reshape(b * s // group, group, d), TOKENS)  # decoding: rows together
     w = router.astype(jnp.float32)
     logits = project("GSD,DE->GSE", xg.astype(jnp.float32), TOKENS, w, router_axes)
-    return xg, *route(constrain(logits, ROUTED), cfg, cfg.capacity_for(group))
+    return xg, *choose(constrain(logits, ROUTED), cfg, cfg.capacity_for(group))
 
 
 def limit_groups(scores: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -240,20 +266,18 @@ class Moe(nnx.Module):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         b, s, d = x.shape
         with jax.named_scope("router"):
-            xg, dispatch, combine, stats = group_and_route(
-                cfg, x, self.router[...], axes_of(self.router)
-            )
-        group, capacity = xg.shape[1], dispatch.shape[-1]
+            xg, choices, stats = group_and_route(cfg, x, self.router[...], axes_of(self.router))
+        group = xg.shape[1]
+        capacity = cfg.capacity_for(group)
         hidden = (cfg.n_experts, xg.shape[0], capacity, cfg.expert_hidden)
         keep = self.dropout_mask(dropout_key, first_row * s // group, hidden)
         weights, axes = self.expert_weights()
         slots = (cfg.n_experts, xg.shape[0], capacity, d)
         summed = _summed_axes(slots, weights, axes)
-        dispatch, combine = dispatch.astype(dt), combine.astype(dt)
-        if summed:  # the gates taken where the router left them (a constraint here would
-            # split their gradient by experts, which the router then gathers back)
-            y = self._summed_once(xg, dispatch, combine, keep, weights, axes, summed)
+        if summed:
+            y = self._summed_once(xg, choices, keep, weights, axes, summed)
         else:
+            dispatch, combine = (m.astype(dt) for m in masks(choices, cfg.n_experts, capacity))
             combine = constrain(combine, COMBINE)
             chunks = min(cfg.moe_chunks, capacity)
             picks = [slice(i, None, chunks) for i in range(chunks)] if chunks > 1 else [slice(None)]
@@ -284,61 +308,68 @@ class Moe(nnx.Module):
             ye = sent(constrain(jnp.transpose(ye, (1, 0, 2, 3)), AT_GROUPS))
             return constrain(jnp.einsum("GECD,GSEC->GSD", ye, combine), TOKENS)
 
-    def _summed_once(self, xg, dispatch, combine, keep, weights, axes, summed) -> jax.Array:
+    def _summed_once(self, xg, choices: Choices, keep, weights, axes, summed) -> jax.Array:
         """Dispatch, experts and combine on each device's experts and expert width (mesh axes
         `summed`), the tokens' outputs [G, S, D] then summed once over those axes.
 
-        The combine weights enter as each token's gate per expert [G, S, E] (its slot is the
-        dispatch mask's, which has no gradient), and the tokens and gates are marked as varying
-        where they enter: the backward pass then sums their gradients, [G, S, D] and [G, S, E],
-        not those of the dispatched slots [E, G, C, D] and of the masks [G, S, E, C]."""
-        dropout = keep is not None
-        gates = jnp.sum(combine, axis=-1)  # a choice's one slot holds its gate
+        Each device gathers its slots' tokens and each token's outputs from its slots by the
+        choices' indices [G, S, P] (a one-hot einsum would multiply by S times the slots' zeros
+        and ones, and every device repeats the dispatch in this region). The tokens and gates
+        are marked as varying where they enter, taken where the router left them (a constraint
+        would split their gradient by experts, which the router then gathers back): the
+        backward pass sums their gradients, [G, S, D] and [G, S, P], not those of the
+        dispatched slots [E, G, C, D]."""
+        cfg, dropout = self.cfg, keep is not None
+        layout = active_layout()
+        e, g, c = cfg.n_experts, xg.shape[0], cfg.capacity_for(xg.shape[1])
+        spec = layout[1].spec(AT_EXPERTS, shape=(e, g, c, xg.shape[-1]))
+        split = part_axes(spec[0])  # the mesh axes that split the experts, in their order
 
-        def local(xg, dispatch, gates, *rest):
+        def local(xg, expert, slot, gate, *rest):
             keep, weights = (rest[0], rest[1:]) if dropout else (None, rest)
+            here = weights[0].shape[0]  # this device's experts, from the first of them
+            first = jax.lax.axis_index(split) * here if split else 0
+            at = expert - first
+            held = (at >= 0) & (at < here) & (slot < c)  # [G, S, P]
+            index = jnp.where(held, at * c + slot, here * c)  # here * c: nowhere
             with jax.named_scope("dispatch"):
-                token = jnp.argmax(dispatch, axis=1)  # [G, E, C]: the token in each slot
-                filled = jnp.max(dispatch, axis=1)  # [G, E, C]: whether one is
-                xe = _gathered(xg, token, filled)
+                xe = _gathered(xg, index, here, c)
             with jax.named_scope("experts"):
                 ye = self.experts(xe, keep, weights, axes, local=True)
             with jax.named_scope("combine"):
-                return _combined(ye, dispatch, gates, self.cfg.top_k)
+                return _combined(ye, index, jnp.where(held, gate, 0).astype(ye.dtype))
 
-        args = (xg, jax.lax.stop_gradient(dispatch), gates, *([keep] if dropout else []), *weights)
-        args_axes = (TOKENS, COMBINE, GATES, *([HIDDEN] if dropout else []), *axes)
+        args = (xg, choices.expert, choices.slot, choices.gate.astype(cfg.compute_dtype))
+        args += (*([keep] if dropout else []), *weights)
+        args_axes = (TOKENS, ROUTED, ROUTED, ROUTED, *([HIDDEN] if dropout else []), *axes)
         out = (TOKENS, xg.shape)
-        y = local_then_sum(local, args, args_axes, out, summed, vary=(0, 2))
+        y = local_then_sum(local, args, args_axes, out, summed, vary=(0, 3))
         return constrain(y, TOKENS)
 
 
-def _gathered(xg: jax.Array, token: jax.Array, filled: jax.Array) -> jax.Array:
-    """Each slot's token [E, G, C, D] from xg [G, S, D], `token` and `filled` [G, E, C]: a
-    gather, where the one-hot einsum would multiply by S times the slots' zeros and ones (every
-    device repeats the dispatch in this region, so that cost counted once per device)."""
-    g, e, c = token.shape
-    rows = jnp.take_along_axis(xg, token.reshape(g, e * c, 1), axis=1)  # [G, E*C, D]
-    rows = rows.reshape(g, e, c, -1) * filled[..., None].astype(xg.dtype)
-    return jnp.transpose(rows, (1, 0, 2, 3))
+def _gathered(xg: jax.Array, index: jax.Array, n_experts: int, capacity: int) -> jax.Array:
+    """Each slot's token [E, G, C, D] (zeros in empty slots) from xg [G, S, D] and each token's
+    choices' slots `index` [G, S, P] (expert * C + slot; E * C where not here)."""
+    g, s = index.shape[:2]
+    rows = jnp.arange(g)[:, None, None]
+    tokens = jnp.broadcast_to(jnp.arange(s)[None, :, None], index.shape)
+    token = jnp.zeros((g, n_experts * capacity), jnp.int32)
+    token = token.at[rows, index].set(tokens, mode="drop")  # [G, E*C]: the token in each slot
+    filled = jnp.zeros((g, n_experts * capacity), xg.dtype).at[rows, index].set(1, mode="drop")
+    picked = jnp.take_along_axis(xg, token[..., None], axis=1) * filled[..., None]
+    return jnp.transpose(picked.reshape(g, n_experts, capacity, -1), (1, 0, 2, 3))
 
 
-def _combined(ye: jax.Array, dispatch: jax.Array, gates: jax.Array, top_k: int) -> jax.Array:
-    """The tokens' outputs [G, S, D]: for each token, the outputs in ye [E, G, C, D] of the (at
-    most top_k) slots it fills (dispatch [G, S, E, C]) times its gate for their experts (gates
-    [G, S, E]), each gathered where the one-hot einsum would multiply by every slot."""
+def _combined(ye: jax.Array, index: jax.Array, gate: jax.Array) -> jax.Array:
+    """The tokens' outputs [G, S, D]: each token's choices' outputs in ye [E, G, C, D], at their
+    slots `index` [G, S, P] (E * C: not here), times their gates [G, S, P] (0 where not here)."""
     e, g, c, d = ye.shape
-    s = dispatch.shape[1]
     rows = jnp.transpose(ye, (1, 0, 2, 3)).reshape(g, e * c, d)
-    rest = dispatch.reshape(g, s, e * c)
     out = 0.0
-    for _ in range(top_k):
-        slot = jnp.argmax(rest, axis=-1)  # [G, S]
-        took = jnp.max(rest, axis=-1)  # 0 where the token fills no more slots here
-        rest = jnp.where(jax.nn.one_hot(slot, e * c, dtype=bool), 0, rest)
-        gate = jnp.take_along_axis(gates, (slot // c)[..., None], axis=2)[..., 0] * took
-        picked = jnp.take_along_axis(rows, slot[..., None], axis=1)  # [G, S, D]
-        out = out + picked * gate[..., None].astype(ye.dtype)
+    for j in range(index.shape[-1]):
+        at = jnp.minimum(index[..., j], e * c - 1)  # the gate is 0 where not here
+        picked = jnp.take_along_axis(rows, at[..., None], axis=1)  # [G, S, D]
+        out = out + picked * gate[..., j, None]
     return out
 
 

@@ -17,7 +17,7 @@ from jax.sharding import SingleDeviceSharding
 from jaxmoe.analysis.hardware import Hardware
 from jaxmoe.analysis.roofline import Bound, program_bound
 from jaxmoe.config import ConfigError, ModelConfig
-from jaxmoe.model.moe import Moe, group_and_route
+from jaxmoe.model.moe import Moe, group_and_route, masks
 from jaxmoe.separation import cost
 from jaxmoe.separation.layout import Separation
 from jaxmoe.separation.programs import receive, send
@@ -70,7 +70,8 @@ class Replaced(Separated):
         dt = cfg.compute_dtype
 
         def route(router, h):
-            xg, dispatch, combine, stats = group_and_route(cfg, receive(h, dt), router)
+            xg, choices, stats = group_and_route(cfg, receive(h, dt), router)
+            dispatch, combine = masks(choices, cfg.n_experts, cfg.capacity_for(xg.shape[1]))
             xe = jnp.einsum("GSEC,GSD->EGCD", dispatch.astype(dt), xg)
             return tuple(xe[a:b] for a, b in bounds), combine.astype(dt), stats
 
