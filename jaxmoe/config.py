@@ -172,7 +172,7 @@ class Workload:
     chunk's all-to-alls can run while the experts compute another; at most the capacity) and
     `recompute` (what a training step's backward pass computes again rather than holding from
     the forward pass, block by block: "none" holds every value; "dots" holds the matrix
-    products' results and recomputes the rest, norms, activations, routing masks, gathers,
+    products' results and recomputes the rest, norms, activations, routing, gathers,
     for no more FLOPs or traffic; "full" holds only each block's input and runs the block's
     forward pass again, a third more FLOPs and its collectives sent again)."""
 
