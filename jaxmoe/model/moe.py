@@ -320,10 +320,9 @@ class Moe(nnx.Module):
         backward pass sums their gradients, [G, S, D] and [G, S, P], not those of the
         dispatched slots [E, G, C, D]."""
         cfg, dropout = self.cfg, keep is not None
-        layout = active_layout()
-        e, g, c = cfg.n_experts, xg.shape[0], cfg.capacity_for(xg.shape[1])
-        spec = layout[1].spec(AT_EXPERTS, shape=(e, g, c, xg.shape[-1]))
-        split = part_axes(spec[0])  # the mesh axes that split the experts, in their order
+        c = cfg.capacity_for(xg.shape[1])
+        # the mesh axes that split the experts' weights (so their shares), in their order
+        split = part_axes(active_layout()[1].spec(axes[0], shape=weights[0].shape)[0])
 
         def local(xg, expert, slot, gate, *rest):
             keep, weights = (rest[0], rest[1:]) if dropout else (None, rest)
