@@ -13,7 +13,7 @@ from jaxmoe.analysis.dependence import overlap_chunks
 from jaxmoe.analysis.roofline import program_bound
 from jaxmoe.compare import compare_strategies
 from jaxmoe.config import ModelConfig
-from jaxmoe.model.moe import Moe, route, router_metrics
+from jaxmoe.model.moe import Moe, choose, masks, router_metrics
 
 
 def routing(n_experts: int, top_k: int, **fields) -> ModelConfig:
@@ -32,7 +32,8 @@ def logits_choosing(experts: list[list[int]], n_experts: int) -> jax.Array:
 def test_first_choices_fill_capacity_before_second_choices():
     # 4 tokens, 3 experts, top-2, capacity 2: expert 0 is everyone's first choice.
     logits = logits_choosing([[0, 1], [0, 2], [0, 1], [1, 2]], 3)
-    dispatch, combine, sums = route(logits, routing(3, 2), capacity=2)
+    choices, sums = choose(logits, routing(3, 2), capacity=2)
+    dispatch, combine = masks(choices, n_experts=3, capacity=2)
     stats = router_metrics(sums)
     d = np.asarray(dispatch[0])  # [S, E, C]
     assert d[0, 0, 0] == 1 and d[1, 0, 1] == 1  # tokens 0, 1 take expert 0's two slots
@@ -51,7 +52,7 @@ def test_first_choices_fill_capacity_before_second_choices():
 
 def test_balanced_routing_has_unit_load_balance_loss():
     logits = jnp.zeros((2, 8, 4))  # uniform router: every expert equally likely
-    stats = router_metrics(route(logits, routing(4, 1), capacity=8)[2])
+    stats = router_metrics(choose(logits, routing(4, 1), capacity=8)[1])
     assert float(stats["load_balance_loss"]) == pytest.approx(1.0)
     assert float(stats["router_z_loss"]) == pytest.approx(np.log(4) ** 2, rel=1e-5)
     assert float(jnp.sum(stats["expert_load"])) == pytest.approx(1.0)
@@ -71,8 +72,8 @@ def test_dropped_tokens_keep_only_their_residual():
 
 def test_router_sums_add_up_over_micro_batches():
     logits = jax.random.normal(jax.random.key(3), (8, 16, 4))
-    whole = router_metrics(route(logits, routing(4, 2), capacity=8)[2])
-    halves = [route(part, routing(4, 2), capacity=8)[2] for part in (logits[:4], logits[4:])]
+    whole = router_metrics(choose(logits, routing(4, 2), capacity=8)[1])
+    halves = [choose(part, routing(4, 2), capacity=8)[1] for part in (logits[:4], logits[4:])]
     summed = router_metrics(jax.tree.map(lambda a, b: a + b, *halves))
     for name, value in whole.items():
         np.testing.assert_allclose(summed[name], value, rtol=1e-6, err_msg=name)

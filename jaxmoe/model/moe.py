@@ -126,13 +126,6 @@ def masks(choices: Choices, n_experts: int, capacity: int) -> tuple[jax.Array, j
     return constrain(dispatch, SLOTS), constrain(combine, SLOTS)
 
 
-def route(logits: jax.Array, cfg: ModelConfig, capacity: int) -> tuple[jax.Array, jax.Array, dict]:
-    """Top-k routing with capacity as masks: logits [G, S, E] float32 -> dispatch and combine
-    [G, S, E, C] (`masks`) and token sums for `router_metrics`."""
-    choices, stats = choose(logits, cfg, capacity)
-    return *masks(choices, logits.shape[-1], capacity), stats
-
-
 def group_and_route(
     cfg: ModelConfig, x: jax.Array, router: jax.Array, router_axes=(Axis.EMBED, None)
 ) -> tuple[jax.Array, Choices, dict]:
@@ -170,7 +163,7 @@ def dropped_choices(sums) -> jax.Array:
 
 
 def router_metrics(sums: dict) -> dict:
-    """Router losses and load from `route`'s sums (any leading axes, e.g. layers, are kept).
+    """Router losses and load from `choose`'s sums (any leading axes, e.g. layers, are kept).
 
     load_balance_loss = E * sum_e f_e * P_e (Switch/GShard), f_e the fraction of choices sent to
     expert e before capacity, P_e its mean router probability; router_z_loss the mean squared
@@ -275,7 +268,7 @@ class Moe(nnx.Module):
         slots = (cfg.n_experts, xg.shape[0], capacity, d)
         summed = _summed_axes(slots, weights, axes)
         if summed:
-            y = self._summed_once(xg, choices, keep, weights, axes, summed)
+            y = self._summed_once(xg, choices, capacity, keep, weights, axes, summed)
         else:
             dispatch, combine = (m.astype(dt) for m in masks(choices, cfg.n_experts, capacity))
             combine = constrain(combine, COMBINE)
@@ -308,9 +301,10 @@ class Moe(nnx.Module):
             ye = sent(constrain(jnp.transpose(ye, (1, 0, 2, 3)), AT_GROUPS))
             return constrain(jnp.einsum("GECD,GSEC->GSD", ye, combine), TOKENS)
 
-    def _summed_once(self, xg, choices: Choices, keep, weights, axes, summed) -> jax.Array:
+    def _summed_once(self, xg, choices: Choices, c: int, keep, weights, axes, summed) -> jax.Array:
         """Dispatch, experts and combine on each device's experts and expert width (mesh axes
-        `summed`), the tokens' outputs [G, S, D] then summed once over those axes.
+        `summed`), the tokens' outputs [G, S, D] then summed once over those axes; `c`: the
+        capacity.
 
         Each device gathers its slots' tokens and each token's outputs from its slots by the
         choices' indices [G, S, P] (a one-hot einsum would multiply by S times the slots' zeros
@@ -320,7 +314,6 @@ class Moe(nnx.Module):
         backward pass sums their gradients, [G, S, D] and [G, S, P], not those of the
         dispatched slots [E, G, C, D]."""
         cfg, dropout = self.cfg, keep is not None
-        c = cfg.capacity_for(xg.shape[1])
         # the mesh axes that split the experts' weights (so their shares), in their order
         split = part_axes(active_layout()[1].spec(axes[0], shape=weights[0].shape)[0])
 
