@@ -31,7 +31,15 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxmoe.axes import Axis
-from jaxmoe.sharding import MeshAxes, Strategy, active_layout, active_stage_axis, part_axes
+from jaxmoe.sharding import (
+    MeshAxes,
+    Strategy,
+    active_layout,
+    active_stage_axis,
+    in_region,
+    manual_region,
+    part_axes,
+)
 
 Logical = Sequence[Axis | None]
 
@@ -55,10 +63,7 @@ class Split:
         names = frozenset(self.axes) | ({self.stage_axis} if self.stage_axis else set())
         if every_axis:
             names = frozenset(self.mesh.axis_names)
-        return jax.shard_map(
-            fn, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, axis_names=names,
-            check_vma=False,
-        )  # fmt: skip
+        return manual_region(fn, self.mesh, in_specs, out_specs, axis_names=names, check_vma=False)
 
 
 def mesh_axes_of(
@@ -108,7 +113,7 @@ def local_then_sum(
         shares = [_vary(a, axes) if i in vary else a for i, a in enumerate(shares)]
         return jax.lax.psum(fn(*shares), axes)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_spec)(*args)
+    return manual_region(local, mesh, in_specs, out_spec)(*args)
 
 
 def _vary(a: jax.Array, axes: MeshAxes) -> jax.Array:
@@ -177,7 +182,7 @@ def partial_sums(
     result_axes = _of_result(equation, a_axes, b_axes)
     result = spec(result_axes, shape=_of_result(equation, a.shape, b.shape))
     rest = _only(result, lambda a: not manual(a))
-    sharding = NamedSharding(split.mesh, PartitionSpec(split.axes, *rest))
+    sharding = NamedSharding(in_region(split.mesh), PartitionSpec(split.axes, *rest))
     return jax.lax.with_sharding_constraint(parts, sharding)
 
 
@@ -299,7 +304,7 @@ def project_together(
     )
     out_specs = [strategy.spec(axes, shape=shape) for axes, shape in outs]
     weights = [w for _, w, _ in projections]
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(x, *weights)
+    return manual_region(local, mesh, in_specs, out_specs)(x, *weights)
 
 
 def lookup(table: jax.Array, table_axes: Logical, ids: jax.Array, out_axes: Logical, dtype):
@@ -340,5 +345,5 @@ def lookup(table: jax.Array, table_axes: Logical, ids: jax.Array, out_axes: Logi
             x = jax.lax.psum_scatter(x, scattered, scatter_dimension=0, tiled=True)
         return jax.lax.psum(x, summed) if summed else x
 
-    region = jax.shard_map(local, mesh=mesh, in_specs=(table_spec, ids_spec), out_specs=out_spec)
+    region = manual_region(local, mesh, (table_spec, ids_spec), out_spec)
     return region(table, ids)

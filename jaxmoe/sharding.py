@@ -12,7 +12,7 @@ import contextvars
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -183,6 +183,15 @@ class Strategy:
         grid = np.asarray(devices, dtype=object).reshape(shape)
         return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
 
+    def without(self, mesh_axes: Collection[str]) -> Strategy:
+        """This strategy as code sees it in a region manual over `mesh_axes`: nothing split
+        over them (each device of the region holds its share as a whole array)."""
+
+        def drop(rules: Rules) -> dict[Axis, MeshAxes]:
+            return {k: tuple(a for a in v if a not in mesh_axes) for k, v in rules.items()}
+
+        return dataclasses.replace(self, rules=drop(self.rules), param_rules=drop(self.param_rules))
+
     @property
     def weight_rules(self) -> Rules:
         """The rules of parameters: the activations' with `param_rules` over them."""
@@ -288,6 +297,32 @@ def active_stage_axis() -> str | None:
     return _STAGE.get()
 
 
+def manual_region(
+    fn: Callable,
+    mesh: Mesh,
+    in_specs,
+    out_specs,
+    *,
+    axis_names: Collection[str] | None = None,
+    check_vma: bool = True,
+) -> Callable:
+    """`jax.shard_map` of fn manual over mesh axes `axis_names` (every axis by default) less
+    those an enclosing region holds manual already (a pipeline's batch replicas)."""
+    held = set(jax.sharding.get_abstract_mesh().manual_axes)
+    names = frozenset(mesh.axis_names if axis_names is None else axis_names) - held
+    return jax.shard_map(
+        fn, mesh=in_region(mesh), in_specs=in_specs, out_specs=out_specs, axis_names=names,
+        check_vma=check_vma,
+    )  # fmt: skip
+
+
+def in_region(mesh: Mesh) -> Mesh | jax.sharding.AbstractMesh:
+    """The mesh to name in shardings and regions: inside a region manual over some of `mesh`'s
+    axes, the region's (abstract) mesh, which marks them manual, as JAX requires."""
+    outer = jax.sharding.get_abstract_mesh()
+    return outer if outer.manual_axes else mesh
+
+
 def laid_out_jit(mesh: Mesh, strategy: Strategy, fn: Callable, **kwargs) -> Callable:
     """`jax.jit` of `fn`, traced with `strategy`'s activation constraints on `mesh` in force."""
 
@@ -317,7 +352,7 @@ def constrain(x: jax.Array, logical: Sequence[Axis | None]) -> jax.Array:
         return x
     mesh, strategy = layout
     spec = strategy.spec(logical, shape=x.shape)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(in_region(mesh), spec))
 
 
 SENT = "sent"

@@ -12,6 +12,7 @@ on, so they equal the unpipelined ones; each step is told which rows of the batc
 expert dropout draws the same masks as an unpipelined run.
 """
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +24,17 @@ from jaxmoe.axes import Axis
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.model.attention import RESIDUAL
 from jaxmoe.model.transformer import cache_axes
-from jaxmoe.sharding import active_layout, constrain, pipeline_stage, scan_layers
+from jaxmoe.sharding import (
+    Strategy,
+    activation_layout,
+    active_layout,
+    constrain,
+    manual_region,
+    pipeline_stage,
+    scan_layers,
+)
 
+BATCH_AXES = (Axis.BATCH, Axis.ATTN_BATCH, Axis.LM_BATCH, Axis.GROUP)  # B or G: tokens alone
 STAGES = (Axis.LAYERS, *RESIDUAL)  # [P, B/M, S, D]: each stage's micro-batch on its devices
 OUTPUTS = (Axis.LAYERS, None, *RESIDUAL)  # [P, M, B/M, S, D]: every micro-batch, by stage
 
@@ -50,7 +60,13 @@ def check(cfg: ModelConfig, stages: int) -> None:
 def gpipe(stage_axis: str) -> Callable:
     """A layer runner (see `jaxmoe.sharding.LayerRunner`) pipelining over mesh axis `stage_axis`
     (the one the layers are split over) with `cfg.micro_batches` micro-batches. Each micro-batch
-    and its cache rows are split as the layout splits the batch, so picking one moves nothing."""
+    and its cache rows are split as the layout splits the batch, so picking one moves nothing.
+
+    Where mesh axes split the batch and nothing else (data parallel replicas of the pipeline),
+    a training or evaluation run (no cache) runs the schedule in a region manual over them: each
+    replica accumulates its weights' gradient over the iterations and the replicas sum it once,
+    where the region begins. (Left to XLA's partitioner, the gradient of weights whole on every
+    replica is summed over them in every iteration of the schedule.)"""
 
     def run(
         step: Callable,
@@ -79,6 +95,29 @@ def gpipe(stage_axis: str) -> Callable:
             cache,
         )
         micro = constrain(x.reshape(m, x.shape[0] // m, *x.shape[1:]), (None, *RESIDUAL))
+        schedule = _schedule(step, stage_axis, mesh, stages, micro.shape[1], last_only)
+        _, strategy = active_layout()
+        replicas = _replica_axes(strategy, stage_axis) if cache is None else ()
+        if replicas:
+            result, stats = _per_replica(schedule, micro, blocks, mesh, strategy, replicas)
+        else:
+            result, stats, cache = schedule(micro, blocks, cache, 0)
+        stats = jax.tree.map(lambda a: a.reshape(n_blocks, *a.shape[2:]), stats)
+        cache = jax.tree.map(lambda a: a.reshape(n_blocks, -1, *a.shape[4:]), cache)
+        return result.reshape(x.shape[0], *result.shape[2:]), stats, cache
+
+    return run
+
+
+def _schedule(
+    step: Callable, stage_axis: str, mesh: Mesh, stages: int, rows: int, last_only: bool
+) -> Callable:
+    """The schedule: (micro [M, B/M, S, D], blocks [P, L/P, ...], cache, offset) -> (the last
+    stage's results [M, B/M, S, D], step outputs [P, L/P, ...], cache), `micro` holding rows
+    offset.. of each micro-batch of `rows` rows."""
+
+    def schedule(micro, blocks, cache, offset):
+        m = micro.shape[0]
         # every stage's own copy of the micro-batches [P, M, B/M, S, D], which the first stage
         # reads: the input's gradient then builds up where it arises and is summed over the
         # stages once, after the schedule (read from the shared copy, it would be summed over
@@ -93,7 +132,7 @@ def gpipe(stage_axis: str) -> Callable:
                     h,
                     stage_blocks,
                     stage_cache,
-                    first_row=index * micro.shape[1],
+                    first_row=index * rows + offset,
                     indexed=True,
                     micro_batch=index,
                     busy=busy,
@@ -101,7 +140,7 @@ def gpipe(stage_axis: str) -> Callable:
 
         run_stages = jax.vmap(stage, spmd_axis_name=stage_axis)
         stage_ids = jnp.arange(stages)
-        empty = jnp.zeros((stages, *micro.shape[1:]), x.dtype)
+        empty = jnp.zeros((stages, *micro.shape[1:]), micro.dtype)
         idle = (stage_ids, stage_ids < 0)
         _, stats_shape, _ = jax.eval_shape(run_stages, empty, blocks, cache, *idle)
 
@@ -127,23 +166,52 @@ def gpipe(stage_axis: str) -> Callable:
             kept = out[:, :, -1:] if last_only else out
             outputs = constrain(outputs.at[:, done].set(kept), OUTPUTS)
             with jax.named_scope("pipeline_shift"):
-                state = constrain(_shift(out), STAGES)
+                state = constrain(_shift(out, mesh, stage_axis), STAGES)
             return (state, outputs, stats, cache), None
 
         kept_shape = (stages, *micro.shape[:2], 1 if last_only else micro.shape[2], micro.shape[3])
         init = (
             empty,
-            jnp.zeros(kept_shape, x.dtype),  # [P, M, B/M, S, D] (S = 1 with last_only)
+            jnp.zeros(kept_shape, micro.dtype),  # [P, M, B/M, S, D] (S = 1 with last_only)
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), stats_shape),
             cache,
         )
         (_, outputs, stats, cache), _ = jax.lax.scan(iteration, init, jnp.arange(m + stages - 1))
-        stats = jax.tree.map(lambda a: a.reshape(n_blocks, *a.shape[2:]), stats)
-        cache = jax.tree.map(lambda a: a.reshape(n_blocks, -1, *a.shape[4:]), cache)
-        result = _from_last_stage(outputs, mesh, stage_axis)  # [M, B/M, S, D]
-        return result.reshape(x.shape[0], *result.shape[2:]), stats, cache
+        return _from_last_stage(outputs, mesh, stage_axis), stats, cache
 
-    return run
+    return schedule
+
+
+def _replica_axes(strategy: Strategy, stage_axis: str) -> tuple[str, ...]:
+    """The mesh axes, leading the batch's, that split the batch and nothing else (data
+    parallel replicas: every weight whole on each)."""
+    batch = strategy.rules.get(Axis.BATCH, ())
+    elsewhere = {
+        a for logical, axes in strategy.weight_rules.items() if logical not in BATCH_AXES
+        for a in axes
+    } | {stage_axis}  # fmt: skip
+    return tuple(itertools.takewhile(lambda a: a not in elsewhere, batch))
+
+
+def _per_replica(
+    schedule: Callable, micro: jax.Array, blocks: Any, mesh: Mesh, strategy: Strategy, axes
+) -> tuple[jax.Array, Any]:
+    """The schedule run by each replica (the devices of mesh axes `axes`) on its rows of every
+    micro-batch, in a region manual over `axes`: the blocks' gradient is summed over them where
+    the region begins, once. The step outputs (sums) are summed over the replicas."""
+    rows = PartitionSpec(None, axes)  # [M, B/M, ...]: each replica's rows of every micro-batch
+
+    def local(micro, blocks):
+        offset = jax.lax.axis_index(axes) * micro.shape[1]
+        with activation_layout(mesh, strategy.without(axes)):
+            result, stats, _ = schedule(micro, blocks, None, offset)
+        return result, jax.tree.map(lambda s: jax.lax.psum(s, axes), stats)
+
+    region = manual_region(
+        local, mesh, (rows, PartitionSpec()), (rows, PartitionSpec()), axis_names=axes,
+        check_vma=False,
+    )  # fmt: skip
+    return region(micro, blocks)
 
 
 def _from_last_stage(outputs: jax.Array, mesh: Mesh, stage_axis: str) -> jax.Array:
@@ -163,14 +231,17 @@ def _from_last_stage(outputs: jax.Array, mesh: Mesh, stage_axis: str) -> jax.Arr
         return jax.lax.psum_scatter(mine, stage_axis, scatter_dimension=0, tiled=True)
 
     out_spec = PartitionSpec(stage_axis, *spec[2:])
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec,), out_specs=out_spec)(outputs)
+    return manual_region(local, mesh, (spec,), out_spec)(outputs)
 
 
-@jax.custom_vjp
-def _shift(x: jax.Array) -> jax.Array:
-    """Each stage's output to the next stage ([P, ...] rolled by one): one collective-permute
-    over the stage axis each way (XLA transposes a roll into two)."""
-    return jnp.roll(x, 1, axis=0)
-
-
-_shift.defvjp(lambda x: (_shift(x), None), lambda _, g: (jnp.roll(g, -1, axis=0),))
+def _shift(x: jax.Array, mesh: Mesh, stage_axis: str) -> jax.Array:
+    """Each stage's output to the next stage ([P, ...] rolled by one along `stage_axis`): one
+    collective-permute each way (the partitioner lowers a roll to all-to-alls inside a region
+    manual over other axes)."""
+    stages = mesh.shape[stage_axis]
+    to_next = [(i, (i + 1) % stages) for i in range(stages)]
+    spec = PartitionSpec(stage_axis)
+    return manual_region(
+        lambda x: jax.lax.ppermute(x, stage_axis, to_next), mesh, (spec,), spec,
+        axis_names={stage_axis},
+    )(x)  # fmt: skip

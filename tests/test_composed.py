@@ -14,7 +14,7 @@ from jaxmoe.compare import compare_strategies
 from jaxmoe.config import ConfigError
 from jaxmoe.layout import minimum_per_layer
 from jaxmoe.spmd import gradient_sync_bytes
-from meshes import compose
+from meshes import MeshAxis, compose
 
 # both kinds of layer in one model; on 32 devices the batch and head dim the widest splits need
 ON_8 = ["dp2_ep4", "fsdp2_tp4", "tp4_pp2", "dp2_tp2_pp2", "ep4_tp2", "heads2_dims4"]
@@ -128,6 +128,19 @@ def test_minimum_follows_each_axis_size():
     assert compose.layout("dp2_ep4").minimum_bytes(cfg)["moe"] == pytest.approx(
         2 * slots / 2 * 3 / 16
     )
+
+
+def test_pipeline_replicas_sum_gradients_once():
+    """dp x pp: each data-parallel replica of the pipeline accumulates its weights' gradients
+    over the schedule's iterations and the replicas sum them once, after it. Nothing crosses
+    `data` in the schedule's loop, and the gradients all-reduced over data come to the device's
+    parameters once (XLA's partitioner summed each stage's gradients in every iteration)."""
+    cost = meshes.get("dp2_tp2_pp2").lay_out(CONFIGS[8], jax.devices()).cost("train")
+    over_data = [c for c in cost.inventory.collectives if c.axes and MeshAxis.DATA in c.axes]
+    assert not [c.name for c in over_data if c.loop_depth > 0]
+    reduced = sum(c.executions * c.operand_bytes for c in over_data if c.kind == "all-reduce")
+    params = cost.param_bytes_per_device
+    assert 0.9 * params <= reduced <= params + 1024, (reduced, params)  # + the loss's scalars
 
 
 @pytest.mark.parametrize("name", ["dp2_tp2_pp2", "heads2_dims2_pp2"])
