@@ -97,8 +97,10 @@ def test_gated_experts_match_one_device():
         assert r.max_abs_err <= 1e-4 * r.logits_scale, r.strategy
 
 
-@pytest.mark.parametrize("strategy", list(meshes.REGISTRY.values()), ids=list(meshes.REGISTRY))
-def test_expert_dropout_draws_the_same_masks_under_every_layout(strategy):
+# and a pipeline whose data-parallel replicas each run the schedule on their rows
+@pytest.mark.parametrize("name", [*meshes.REGISTRY, "dp2_tp4_pp2"])
+def test_expert_dropout_draws_the_same_masks_under_every_layout(name):
+    strategy = meshes.get(name)
     cfg = tiny(True, n_layers=4, expert_dropout=0.3, micro_batches=4)
     ref_loss, ref_grads = loss_grads(cfg, None, dropout=True)
     _, plain_grads = loss_grads(cfg, None)
