@@ -34,9 +34,7 @@ from jaxmoe.inference import layout_cache
 from jaxmoe.layout import minimum_per_layer
 from jaxmoe.model.transformer import cache_logical
 from jaxmoe.placement import abstract_model
-from jaxmoe.sharding import Strategy, logical_specs, part_axes
-
-BATCH_ONLY = (Axis.BATCH, Axis.ATTN_BATCH, Axis.LM_BATCH, Axis.GROUP, Axis.LAYERS)
+from jaxmoe.sharding import BATCH_AXES, Strategy, logical_specs, part_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +113,7 @@ def estimate(strategy: Strategy, cfg: ModelConfig, hw: Hardware, phase: str) -> 
 def _link(strategy: Strategy, hw: Hardware) -> float:
     """NVLink when the mesh axes that move a layer's data span one node at most (tensor and
     experts innermost), the network otherwise."""
-    moving = {
-        a for axis, axes in strategy.weight_rules.items() if axis not in BATCH_ONLY for a in axes
-    }
+    moving = strategy.axes_splitting((*BATCH_AXES, Axis.LAYERS))
     span = 1
     for name, size in reversed(strategy.mesh_shape):  # innermost first
         span *= size

@@ -26,6 +26,7 @@ from jaxmoe.axes import Axis
 from jaxmoe.config import ConfigError, ModelConfig
 
 MeshAxes = tuple[str, ...]
+BATCH_AXES = (Axis.BATCH, Axis.ATTN_BATCH, Axis.LM_BATCH, Axis.GROUP)  # the tokens' B or G
 Rules = Mapping[Axis, MeshAxes]
 # (step, x, per_block, cache, mesh, cfg) -> (x, stacked step outputs, cache): run `step` over
 # the stacked blocks. `step(x, block, block_cache, first_row) -> (x, outputs, block_cache)`, x
@@ -191,6 +192,11 @@ class Strategy:
             return {k: tuple(a for a in v if a not in mesh_axes) for k, v in rules.items()}
 
         return dataclasses.replace(self, rules=drop(self.rules), param_rules=drop(self.param_rules))
+
+    def axes_splitting(self, skip: Collection[Axis]) -> set[str]:
+        """The mesh axes that split some parameter or activation axis other than `skip`."""
+        rules = self.weight_rules
+        return {a for logical, axes in rules.items() if logical not in skip for a in axes}
 
     @property
     def weight_rules(self) -> Rules:

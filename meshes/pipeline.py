@@ -25,6 +25,7 @@ from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.model.attention import RESIDUAL
 from jaxmoe.model.transformer import cache_axes
 from jaxmoe.sharding import (
+    BATCH_AXES,
     Strategy,
     activation_layout,
     active_layout,
@@ -34,7 +35,6 @@ from jaxmoe.sharding import (
     scan_layers,
 )
 
-BATCH_AXES = (Axis.BATCH, Axis.ATTN_BATCH, Axis.LM_BATCH, Axis.GROUP)  # B or G: tokens alone
 STAGES = (Axis.LAYERS, *RESIDUAL)  # [P, B/M, S, D]: each stage's micro-batch on its devices
 OUTPUTS = (Axis.LAYERS, None, *RESIDUAL)  # [P, M, B/M, S, D]: every micro-batch, by stage
 
@@ -97,7 +97,7 @@ def gpipe(stage_axis: str) -> Callable:
         micro = constrain(x.reshape(m, x.shape[0] // m, *x.shape[1:]), (None, *RESIDUAL))
         schedule = _schedule(step, stage_axis, mesh, stages, micro.shape[1], last_only)
         _, strategy = active_layout()
-        replicas = _replica_axes(strategy, stage_axis) if cache is None else ()
+        replicas = _replica_axes(strategy) if cache is None else ()
         if replicas:
             result, stats = _per_replica(schedule, micro, blocks, mesh, strategy, replicas)
         else:
@@ -182,15 +182,13 @@ def _schedule(
     return schedule
 
 
-def _replica_axes(strategy: Strategy, stage_axis: str) -> tuple[str, ...]:
+def _replica_axes(strategy: Strategy) -> tuple[str, ...]:
     """The mesh axes, leading the batch's, that split the batch and nothing else (data
-    parallel replicas: every weight whole on each)."""
-    batch = strategy.rules.get(Axis.BATCH, ())
-    elsewhere = {
-        a for logical, axes in strategy.weight_rules.items() if logical not in BATCH_AXES
-        for a in axes
-    } | {stage_axis}  # fmt: skip
-    return tuple(itertools.takewhile(lambda a: a not in elsewhere, batch))
+    parallel replicas: every weight whole on each; the stage axis splits the layers)."""
+    elsewhere = strategy.axes_splitting(BATCH_AXES)
+    return tuple(
+        itertools.takewhile(lambda a: a not in elsewhere, strategy.rules.get(Axis.BATCH, ()))
+    )
 
 
 def _per_replica(
