@@ -1,6 +1,7 @@
 """Every test runs on XLA's CPU backend with 32 virtual devices (a layout runs on the first of
-them it needs), set before JAX starts; so does every command a test starts (JAX_PLATFORMS is
-inherited), whatever accelerator is here.
+them it needs) and jaxmoe's XLA flags (`platform.configure`), set before JAX starts; so does
+every command a test starts (JAX_PLATFORMS and XLA_FLAGS are inherited), whatever accelerator
+is here.
 
 The test session shares one persistent compilation cache (a fresh directory per run, inherited
 by the commands the tests start and by both pytest-xdist workers): a program compiled once, by
@@ -21,8 +22,9 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402  (after the environment it reads)
 
-jax.config.update("jax_num_cpu_devices", 32)
-jax.config.update("jax_platforms", "cpu")
+from jaxmoe import platform  # noqa: E402
+
+platform.configure("cpu", 32)  # and XLA's CPU flags, as every command sets them
 jax.devices()  # start JAX now: a command run in-process later cannot change the count
 
 

@@ -2,6 +2,7 @@
 faked: this process keeps its 16 CPU devices, and nothing here compiles."""
 
 import logging
+import os
 import re
 import signal
 from pathlib import Path
@@ -48,6 +49,16 @@ def test_a_forced_cpu_ignores_the_gpu_and_never_starts_it(fake_jax):
     chosen = platform.select("cpu", 8, found=GPU_HERE)
     assert chosen.name == "cpu" and len(chosen.devices) == 8
     assert fake_jax[:2] == [("jax_num_cpu_devices", 8), ("jax_platforms", "cpu")]
+
+
+def test_xla_cpu_flags_are_added_and_a_users_own_kept(fake_jax, monkeypatch):
+    (name, value), *_ = platform.CPU_FLAGS.items()
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    platform.select(None, None, found={"cpu": 16})
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x", f"{name}={value}"]
+    monkeypatch.setenv("XLA_FLAGS", f"{name}=true")  # the user's choice stands
+    platform.select(None, None, found={"cpu": 16})
+    assert os.environ["XLA_FLAGS"] == f"{name}=true"
 
 
 def test_tpu_comes_before_gpu():
