@@ -2,9 +2,10 @@
 compiles the most promising layouts.
 
 For one mesh of rules (a `Strategy`) and one phase:
-- memory per device, a floor: the weights the rules leave each device (with gradients and Adam's
-  two moments when training) and its share of the KV cache when decoding; activations are left
-  out, so a layout pruned for memory cannot fit whatever they take;
+- memory per device, a floor: the weights the rules leave each device (with gradients, and
+  Adam's two moments as `Strategy.state_spec` splits them, when training) and its share of the
+  KV cache when decoding; activations are left out, so a layout pruned for memory cannot fit
+  whatever they take;
 - compute: the model's matmul FLOPs (2 per weight a token meets: its experts' share of the expert
   weights; attention's scores and values) spread evenly over the devices, idled by a pipeline's
   bubble;
@@ -62,8 +63,12 @@ def _weights(cfg: ModelConfig) -> tuple[tuple[tuple, int, bool], ...]:
 
 
 def _split(strategy: Strategy, logical: tuple, shape: tuple, *, param: bool) -> int:
+    return _parts(strategy, strategy.spec(logical, param=param, shape=shape))
+
+
+def _parts(strategy: Strategy, spec: PartitionSpec) -> int:
+    """The blocks an array of this spec is split into."""
     sizes = strategy.axis_sizes
-    spec = strategy.spec(logical, param=param, shape=shape)
     return math.prod(sizes[a] for part in spec for a in part_axes(part))
 
 
@@ -83,6 +88,10 @@ def estimate(strategy: Strategy, cfg: ModelConfig, hw: Hardware, phase: str) -> 
     n = strategy.n_devices
     weights = _weights(cfg)
     held = sum(size / _split(strategy, axes, shape, param=True) for axes, shape, size, _ in weights)
+    moments = sum(
+        size / _parts(strategy, strategy.state_spec(axes, shape))
+        for axes, shape, size, _ in weights
+    )
     read = sum(
         size / _split(strategy, axes, shape, param=False) for axes, shape, size, _ in weights
     )
@@ -106,7 +115,7 @@ def estimate(strategy: Strategy, cfg: ModelConfig, hw: Hardware, phase: str) -> 
     # a pipeline's idle iterations send as its busy ones do
     sent = minimum_per_layer(cfg, strategy, phase, sync) * cfg.n_layers / busy
     comm = sent / _link(strategy, hw)
-    kept = held * (4 if phase == "train" else 1) + cached
+    kept = (2 * held + 2 * moments if phase == "train" else held) + cached
     return Estimate(max(compute, memory, comm), max(compute, memory) + comm, kept)
 
 

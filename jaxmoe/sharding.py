@@ -113,7 +113,10 @@ class Strategy:
     cannot say it, `run_layers` replaces the scan over the blocks (a pipeline schedule),
     `extra_checks(cfg)` adds the strategy's own checks, raising ConfigError, and
     `bubble_fraction(cfg)` is the share of a pipeline schedule's iterations a stage spends idle
-    (0 without one). A strategy is a `jaxmoe.layout.Layout` over one mesh.
+    (0 without one). `state_axes` are mesh axes over which the stacked blocks' optimizer state
+    is split although the blocks are whole on each of their devices (ZeRO-1: `state_spec`), the
+    layer runner reduce-scattering the blocks' gradient over them. A strategy is a
+    `jaxmoe.layout.Layout` over one mesh.
     """
 
     name: str
@@ -125,6 +128,7 @@ class Strategy:
     extra_checks: Callable[[ModelConfig], None] = lambda cfg: None
     bubble_fraction: Callable[[ModelConfig], float] = lambda cfg: 0.0
     param_rules: Rules = dataclasses.field(default_factory=dict)
+    state_axes: MeshAxes = ()
 
     def __post_init__(self) -> None:
         names = {axis for axis, _ in self.mesh_shape}
@@ -134,6 +138,8 @@ class Strategy:
             unknown = set(mesh_axes) - names
             if unknown or len(set(mesh_axes)) != len(mesh_axes):
                 raise ValueError(f"{self.name}: rule {logical} -> {mesh_axes} is not over {names}")
+        if set(self.state_axes) - names:
+            raise ValueError(f"{self.name}: state axes {self.state_axes} are not over {names}")
 
     @property
     def n_devices(self) -> int:
@@ -191,7 +197,12 @@ class Strategy:
         def drop(rules: Rules) -> dict[Axis, MeshAxes]:
             return {k: tuple(a for a in v if a not in mesh_axes) for k, v in rules.items()}
 
-        return dataclasses.replace(self, rules=drop(self.rules), param_rules=drop(self.param_rules))
+        return dataclasses.replace(
+            self,
+            rules=drop(self.rules),
+            param_rules=drop(self.param_rules),
+            state_axes=tuple(a for a in self.state_axes if a not in mesh_axes),
+        )
 
     def axes_splitting(self, skip: Collection[Axis]) -> set[str]:
         """The mesh axes that split some parameter or activation axis other than `skip`."""
@@ -244,6 +255,27 @@ class Strategy:
             used.update(axes)
             parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
         return PartitionSpec(*parts)
+
+    def state_spec(self, logical: Sequence[Axis | None], shape: Sequence[int]) -> PartitionSpec:
+        """The partition spec of a parameter's optimizer state and reduced gradient: the
+        parameter's, and for a stacked block's, `state_axes` on the first dimension it leaves
+        whole that they divide (none such: the parameter's spec)."""
+        spec = self.spec(logical, param=True, shape=shape)
+        dim = self.state_dim(logical, shape)
+        if dim is None:
+            return spec
+        parts = [*spec, *(None,) * (len(shape) - len(spec))]
+        parts[dim] = self.state_axes[0] if len(self.state_axes) == 1 else self.state_axes
+        return PartitionSpec(*parts)
+
+    def state_dim(self, logical: Sequence[Axis | None], shape: Sequence[int]) -> int | None:
+        """The dimension `state_spec` splits over `state_axes` (None: none)."""
+        if not self.state_axes or Axis.LAYERS not in logical:
+            return None
+        spec = self.spec(logical, param=True, shape=shape)
+        n = self._size(self.state_axes)
+        whole = [i for i in range(len(shape)) if i >= len(spec) or spec[i] is None]
+        return next((i for i in whole if shape[i] % n == 0), None)
 
     def split_factor(self, logical: Axis, *, param: bool = False) -> int:
         return self._size(self._rule(self.weight_rules if param else self.rules, logical))
@@ -384,10 +416,15 @@ def logical_specs(state: nnx.State) -> nnx.State:
     return nnx.get_partition_spec(state)
 
 
-def param_shardings(state: nnx.State, mesh: Mesh, strategy: Strategy) -> nnx.State:
-    """NamedSharding of every parameter under `strategy`, from its logical axis names."""
+def param_shardings(
+    state: nnx.State, mesh: Mesh, strategy: Strategy, *, optimizer: bool = False
+) -> nnx.State:
+    """NamedSharding of every parameter under `strategy`, from its logical axis names (with
+    `optimizer`: of its optimizer state, `Strategy.state_spec`)."""
 
     def to_sharding(spec: PartitionSpec, value) -> NamedSharding:
+        if optimizer:
+            return NamedSharding(mesh, strategy.state_spec(tuple(spec), value.shape))
         return NamedSharding(mesh, strategy.spec(tuple(spec), param=True, shape=value.shape))
 
     return jax.tree.map(

@@ -5,7 +5,8 @@ count. Each axis contributes rules for activations and parameters, its checks an
 traffic it needs:
 
 - `dp`   data parallel: the batch split over `data`; parameters and Adam's state replicated, the
-         gradients all-reduced once per step.
+         gradients all-reduced once per step. With `pp`, each stacked block's Adam state is
+         split over `data` (ZeRO-1): its gradient reduce-scattered, its new weights all-gathered.
 - `fsdp` fully sharded data parallel (ZeRO-3): the batch split over `fsdp`, and every weight's
          model width (D) too; a layer's weights are all-gathered where they are used and their
          gradients reduce-scattered, so each device holds 1/fsdp of parameters and Adam's state.
@@ -284,6 +285,7 @@ def compose(c: Composition, name: str | None = None, description: str | None = N
         mesh_shape=tuple((AXES[t], c[t]) for t in c.axes_order) or ((MeshAxis.DATA, 1),),
         rules=rules,
         param_rules=params,
+        state_axes=(MeshAxis.DATA,) if pp > 1 and c["dp"] > 1 else (),
         description=description or _describe(c),
         minimum_bytes=lambda cfg: minimum_bytes(c, cfg),
         extra_checks=_checks(c),

@@ -12,6 +12,7 @@ on, so they equal the unpipelined ones; each step is told which rows of the batc
 expert dropout draws the same masks as an unpipelined run.
 """
 
+import functools
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,7 @@ from jaxmoe.sharding import (
     activation_layout,
     active_layout,
     constrain,
+    logical_specs,
     manual_region,
     pipeline_stage,
     scan_layers,
@@ -37,6 +39,9 @@ from jaxmoe.sharding import (
 
 STAGES = (Axis.LAYERS, *RESIDUAL)  # [P, B/M, S, D]: each stage's micro-batch on its devices
 OUTPUTS = (Axis.LAYERS, None, *RESIDUAL)  # [P, M, B/M, S, D]: every micro-batch, by stage
+# a block weight's dimension whose gradient the replicas reduce-scatter, and its layout over the
+# other mesh axes (`_state_dims`); None: its gradient summed whole
+StateDim = tuple[int, PartitionSpec] | None
 
 
 def bubble_fraction(stages: int, micro_batches: int) -> float:
@@ -99,7 +104,8 @@ def gpipe(stage_axis: str) -> Callable:
         _, strategy = active_layout()
         replicas = _replica_axes(strategy) if cache is None else ()
         if replicas:
-            result, stats = _per_replica(schedule, micro, blocks, mesh, strategy, replicas)
+            dims = _state_dims(per_block, strategy, replicas)
+            result, stats = _per_replica(schedule, micro, blocks, dims, mesh, strategy, replicas)
         else:
             result, stats, cache = schedule(micro, blocks, cache, 0)
         stats = jax.tree.map(lambda a: a.reshape(n_blocks, *a.shape[2:]), stats)
@@ -191,25 +197,96 @@ def _replica_axes(strategy: Strategy) -> tuple[str, ...]:
     )
 
 
+def _state_dims(per_block: Any, strategy: Strategy, axes) -> list[StateDim]:
+    """For each leaf of the stacked blocks [L, ...], the dimension of its [P, L/P, ...] view
+    whose gradient is reduce-scattered over the replicas `axes` (`Strategy.state_spec`: where
+    its optimizer state is split) and the view's layout over the other mesh axes, or None:
+    summed whole."""
+    if tuple(strategy.state_axes) != tuple(axes):
+        return [None] * len(jax.tree.leaves(per_block))
+    names = jax.tree.leaves(
+        logical_specs(per_block), is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+    inside = strategy.without(axes)
+    dims = []
+    for logical, leaf in zip(names, jax.tree.leaves(per_block), strict=True):
+        dim = None
+        if isinstance(logical, PartitionSpec):
+            dim = strategy.state_dim(tuple(logical), leaf.shape)
+        if dim is None:
+            dims.append(None)
+            continue
+        stage, *rest = inside.spec(tuple(logical), param=True, shape=leaf.shape)
+        dims.append((dim + 1, PartitionSpec(stage, None, *rest)))
+    return dims
+
+
 def _per_replica(
-    schedule: Callable, micro: jax.Array, blocks: Any, mesh: Mesh, strategy: Strategy, axes
+    schedule: Callable,
+    micro: jax.Array,
+    blocks: Any,
+    dims: list[StateDim],
+    mesh: Mesh,
+    strategy: Strategy,
+    axes,
 ) -> tuple[jax.Array, Any]:
     """The schedule run by each replica (the devices of mesh axes `axes`) on its rows of every
-    micro-batch, in a region manual over `axes`: the blocks' gradient is summed over them where
-    the region begins, once. The step outputs (sums) are summed over the replicas."""
+    micro-batch, in a region manual over `axes`. Each replica builds up its blocks' gradient
+    over the schedule; after it, a leaf with a dimension in `dims` has its gradient
+    reduce-scattered over the replicas along it (ZeRO-1: each replica's shard is what its share
+    of the optimizer state needs), the others summed whole where the region begins. The step
+    outputs (sums) are summed over the replicas."""
     rows = PartitionSpec(None, axes)  # [M, B/M, ...]: each replica's rows of every micro-batch
+    leaves, tree = jax.tree.flatten(blocks)
+    shards = [leaf for leaf, dim in zip(leaves, dims, strict=True) if dim is not None]
+    shard_specs = [PartitionSpec(*(None,) * d[0], axes) for d in dims if d is not None]
 
-    def local(micro, blocks):
+    def local(micro, blocks, shards):
+        shards = iter(shards)
+        blocks = tree.unflatten(
+            leaf if d is None else _reduce_scattered(leaf, next(shards), mesh, axes, *d)
+            for leaf, d in zip(jax.tree.leaves(blocks), dims, strict=True)
+        )
         offset = jax.lax.axis_index(axes) * micro.shape[1]
         with activation_layout(mesh, strategy.without(axes)):
             result, stats, _ = schedule(micro, blocks, None, offset)
         return result, jax.tree.map(lambda s: jax.lax.psum(s, axes), stats)
 
     region = manual_region(
-        local, mesh, (rows, PartitionSpec()), (rows, PartitionSpec()), axis_names=axes,
-        check_vma=False,
+        local, mesh, (rows, PartitionSpec(), shard_specs), (rows, PartitionSpec()),
+        axis_names=axes, check_vma=False,
     )  # fmt: skip
-    return region(micro, blocks)
+    return region(micro, blocks, shards)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _reduce_scattered(
+    whole: jax.Array, shard: jax.Array, mesh: Mesh, axes, dim: int, spec: PartitionSpec
+) -> jax.Array:
+    """`whole`, a weight whole on every replica, whose gradient goes to `shard` (this replica's
+    block of it along `dim`) reduce-scattered over `axes`, and none to `whole`. The replicas
+    send half what an all-reduce does (the update's all-gather of the new weights, the other
+    half), and nothing gathers the weight for the forward pass. `spec`: the weight's layout over
+    the other mesh axes, which its gradient keeps."""
+    return whole
+
+
+def _whole_forward(whole, shard, mesh, axes, dim, spec):
+    return whole, None
+
+
+def _shard_gradient(mesh, axes, dim, spec, _, gradient):
+    # manual over the other axes too: the partitioner gathers a reduce-scatter's operand whole
+    # over the axes it leaves to XLA
+    def scatter(g):
+        return jax.lax.psum_scatter(g, axes, scatter_dimension=dim, tiled=True)
+
+    others = set(mesh.axis_names) - set(axes)
+    region = manual_region(scatter, mesh, (spec,), spec, axis_names=others, check_vma=False)
+    return None, region(gradient)
+
+
+_reduce_scattered.defvjp(_whole_forward, _shard_gradient)
 
 
 def _from_last_stage(outputs: jax.Array, mesh: Mesh, stage_axis: str) -> jax.Array:

@@ -10,10 +10,14 @@ from jax.sharding import PartitionSpec as P
 from tiny import loss_grads, tiny
 
 import meshes
-from jaxmoe.compare import compare_strategies
+from jaxmoe.analysis import hardware
+from jaxmoe.compare import compare_strategies, random_tokens
 from jaxmoe.config import ConfigError
+from jaxmoe.estimate import estimate
 from jaxmoe.layout import minimum_per_layer
 from jaxmoe.spmd import gradient_sync_bytes
+from jaxmoe.train.recipe import TrainConfig
+from jaxmoe.train.steps import make_trainer
 from meshes import MeshAxis, compose
 
 # both kinds of layer in one model; on 32 devices the batch and head dim the widest splits need
@@ -132,15 +136,80 @@ def test_minimum_follows_each_axis_size():
 
 def test_pipeline_replicas_sum_gradients_once():
     """dp x pp: each data-parallel replica of the pipeline accumulates its weights' gradients
-    over the schedule's iterations and the replicas sum them once, after it. Nothing crosses
-    `data` in the schedule's loop, and the gradients all-reduced over data come to the device's
-    parameters once (XLA's partitioner summed each stage's gradients in every iteration)."""
-    cost = meshes.get("dp2_tp2_pp2").lay_out(CONFIGS[8], jax.devices()).cost("train")
+    over the schedule's iterations and the replicas sum them once, after it: the stacked
+    blocks' reduce-scattered (each replica keeps Adam's state of its shard, ZeRO-1) and their
+    new weights all-gathered, the rest all-reduced. Nothing crosses `data` in the schedule's
+    loop, and the gradients summed over data come to the device's parameters once (XLA's
+    partitioner summed each stage's gradients in every iteration)."""
+    run = meshes.get("dp2_tp2_pp2").lay_out(CONFIGS[8], jax.devices())
+    cost = run.cost("train")
     over_data = [c for c in cost.inventory.collectives if c.axes and MeshAxis.DATA in c.axes]
     assert not [c.name for c in over_data if c.loop_depth > 0]
-    reduced = sum(c.executions * c.operand_bytes for c in over_data if c.kind == "all-reduce")
+
+    def operands(kind: str) -> int:
+        return sum(c.executions * c.operand_bytes for c in over_data if c.kind == kind)
+
     params = cost.param_bytes_per_device
+    reduced = operands("all-reduce") + operands("reduce-scatter")
     assert 0.9 * params <= reduced <= params + 1024, (reduced, params)  # + the loss's scalars
+    blocks = sum(
+        np.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+        for path, a in jax.tree_util.tree_leaves_with_path(run.abstract_params())
+        if "blocks" in jax.tree_util.keystr(path)
+    )
+    assert 0.9 * blocks <= operands("reduce-scatter") <= blocks
+    assert 0.45 * blocks <= operands("all-gather") <= 0.5 * blocks  # the new weights' halves
+
+
+def test_pipeline_replicas_train_like_one_device_with_adams_state_split():
+    """dp2_tp2_pp2's compiled step takes each stacked block's Adam moments split over data
+    (its arguments under 2.5x the parameters, not 3x; the estimate's memory floor counts them
+    so), and three steps under it give one device's losses, moments and weights."""
+    cfg, tc = CONFIGS[8], TrainConfig(learning_rate=1e-5, warmup_steps=0, decay_steps=10)
+    tokens = np.asarray(random_tokens(cfg.replace(seq_len=cfg.seq_len + 1), 3))
+    runs = {}
+    for name in ("one_device", "dp2_tp2_pp2"):
+        strategy = meshes.get(name)
+        trainer = make_trainer(cfg, strategy, jax.devices()[: strategy.n_devices], tc)
+        params, opt_state = trainer.init()
+        batch = jax.device_put(tokens, trainer.batch_sharding)
+        step = trainer.step.lower(params, opt_state, batch, 0).compile()
+        losses = []
+        for i in range(3):
+            params, opt_state, metrics = step(params, opt_state, batch, i)
+            losses.append(float(metrics["loss"]))
+        runs[name] = (losses, params, opt_state, step)
+    (ref_losses, *ref_state, _), (losses, *state, step) = runs.values()
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    _, opt_shardings = step.input_shardings[0][:2]
+    moments = [
+        (path, sharding.spec)
+        for (path, _), sharding in zip(
+            jax.tree_util.tree_leaves_with_path(state[1]),
+            jax.tree.leaves(opt_shardings),
+            strict=True,
+        )
+        if "blocks" in jax.tree_util.keystr(path)
+    ]
+    assert moments and all(MeshAxis.DATA in str(spec) for _, spec in moments), moments
+    held = step.memory_analysis().argument_size_in_bytes
+    params_bytes = sum(a.addressable_shards[0].data.nbytes for a in jax.tree.leaves(state[0]))
+    assert held < 2.5 * params_bytes, (held, params_bytes)
+    moments_bytes = sum(  # as the program takes them (step counts aside)
+        np.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+        for a, s in zip(jax.tree.leaves(state[1]), jax.tree.leaves(opt_shardings), strict=True)
+        if a.ndim
+    )
+    floor = estimate(meshes.get("dp2_tp2_pp2"), cfg, hardware.get("h100x16"), "train")
+    assert floor.memory_bytes == pytest.approx(2 * params_bytes + moments_bytes, rel=1e-6)
+    (ref_params, ref_opt), (params, opt) = ref_state, state
+    for ref, got in zip(jax.tree.leaves(ref_opt), jax.tree.leaves(opt), strict=True):
+        scale = float(np.max(np.abs(ref))) or 1.0
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4 * scale, rtol=1e-3)
+    # an Adam step moves a weight by at most about the learning rate, whatever its gradient's
+    # sign: a shard gathered to the wrong place would be off by the weights' own size (~0.02)
+    for ref, got in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=4 * 3e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["dp2_tp2_pp2", "heads2_dims2_pp2"])

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxmoe.config import ConfigError, ModelConfig
 from jaxmoe.model import Transformer, loss_fn
 from jaxmoe.placement import Placement, place
-from jaxmoe.sharding import Strategy, with_shardings
+from jaxmoe.sharding import Strategy, param_shardings, with_shardings
 from jaxmoe.train import recipe
 
 FINITE = "finite"  # the step's metric: its loss, gradient norm and new state were all finite
@@ -84,7 +84,7 @@ def make_trainer(
     opt_shardings = like_params(
         jax.eval_shape(tx.init, placement.abstract),
         placement.abstract,
-        placement.shardings,
+        param_shardings(placement.abstract, placement.mesh, strategy, optimizer=True),
         replicated,
     )
     opt_init = jax.jit(tx.init, out_shardings=opt_shardings)
