@@ -206,10 +206,11 @@ def test_pipeline_replicas_train_like_one_device_with_adams_state_split():
     for ref, got in zip(jax.tree.leaves(ref_opt), jax.tree.leaves(opt), strict=True):
         scale = float(np.max(np.abs(ref))) or 1.0
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4 * scale, rtol=1e-3)
-    # an Adam step moves a weight by at most about the learning rate, whatever its gradient's
+    # an Adam step moves a weight by about the learning rate at most, whatever its gradient's
     # sign: a shard gathered to the wrong place would be off by the weights' own size (~0.02)
+    moved = 3 * tc.learning_rate
     for ref, got in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params), strict=True):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=4 * 3e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=4 * moved, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["dp2_tp2_pp2", "heads2_dims2_pp2"])
