@@ -276,14 +276,13 @@ def _whole_forward(whole, shard, mesh, axes, dim, spec):
 
 
 def _shard_gradient(mesh, axes, dim, spec, _, gradient):
-    # manual over the other axes too: the partitioner gathers a reduce-scatter's operand whole
-    # over the axes it leaves to XLA
+    # manual over the other axes too (`manual_region`'s default: every axis the replicas'
+    # region leaves): the partitioner gathers a reduce-scatter's operand whole over the axes it
+    # leaves to XLA
     def scatter(g):
         return jax.lax.psum_scatter(g, axes, scatter_dimension=dim, tiled=True)
 
-    others = set(mesh.axis_names) - set(axes)
-    region = manual_region(scatter, mesh, (spec,), spec, axis_names=others, check_vma=False)
-    return None, region(gradient)
+    return None, manual_region(scatter, mesh, (spec,), spec, check_vma=False)(gradient)
 
 
 _reduce_scattered.defvjp(_whole_forward, _shard_gradient)
